@@ -1,0 +1,77 @@
+"""Turn the presented credential into a ``Principal``: MCP keys by the key ring, bearer tokens by a verifier."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcpguard.errors import AuthenticationRequired, InvalidToken
+from mcpguard.principal import Principal
+from mcpguard.request_state import state_of
+
+__all__ = ["AuthenticationLayer", "CredentialVerifier"]
+
+_KEY_PREFIX = "mk_"
+
+
+class CredentialVerifier(Protocol):
+    """Anything that turns a presented secret into a principal or raises ``InvalidToken``."""
+
+    async def verify(self, token: str, /) -> Principal:
+        """The principal the credential proves."""
+        ...
+
+
+def _presented(scope: Scope, api_key_header: bytes | None) -> str | None:
+    authorization: list[bytes] = []
+    api_keys: list[bytes] = []
+    for name, value in scope["headers"]:
+        lowered = name.lower()
+        if lowered == b"authorization":
+            authorization.append(value)
+        elif api_key_header is not None and lowered == api_key_header:
+            api_keys.append(value)
+    if len(authorization) + len(api_keys) > 1:
+        raise InvalidToken("present exactly one credential")
+    if api_keys:
+        credential = api_keys[0].decode("latin-1").strip()
+    elif authorization:
+        scheme, _, credential = authorization[0].decode("latin-1").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            raise InvalidToken("use the Bearer authorization scheme")
+        credential = credential.strip()
+    else:
+        return None
+    if not credential:
+        raise InvalidToken("empty credential")
+    return credential
+
+
+class AuthenticationLayer:
+    """Requires a verified credential on every guarded request (401 with a followable challenge if not)."""
+
+    name = "authenticate"
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        keys: CredentialVerifier | None,
+        tokens: CredentialVerifier | None,
+        api_key_header: str | None,
+    ) -> None:
+        self.app = app
+        self._keys = keys
+        self._tokens = tokens
+        self._api_key_header = api_key_header.lower().encode() if api_key_header else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        credential = _presented(scope, self._api_key_header)
+        if credential is None:
+            raise AuthenticationRequired("authentication required")
+        verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
+        if verifier is None:
+            raise InvalidToken("this kind of credential is not accepted here")
+        state_of(scope).principal = await verifier.verify(credential)
+        await self.app(scope, receive, send)

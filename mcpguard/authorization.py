@@ -1,0 +1,178 @@
+"""Per-request scope decision, and ``tools/list`` answers cut down to the tools the caller may call."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mcpguard.errors import InsufficientScope
+from mcpguard.principal import Principal
+from mcpguard.request_state import RequestState, state_of
+from mcpguard.scopes import READ, ScopePolicy
+from mcpguard.sse import EventSplitter, event_data
+from mcpguard.tool_catalog import ToolCatalog
+
+__all__ = ["ScopeLayer"]
+
+_LIST_CHANGED = b"notifications/tools/list_changed"
+_MAX_LISTING = 16 * 1024 * 1024
+
+
+def _host(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"host":
+            host: str = value.decode("latin-1")
+            return host
+    return None
+
+
+class ScopeLayer:
+    """Re-checks scopes on every request: HTTP routes by method, MCP by JSON-RPC method and tool."""
+
+    name = "scopes"
+
+    def __init__(self, app: ASGIApp, *, policy: ScopePolicy, catalog: ToolCatalog) -> None:
+        self.app = app
+        self._policy = policy
+        self._catalog = catalog
+
+    async def _required(self, scope: Scope, state: RequestState) -> str:
+        if not state.is_mcp:
+            return self._policy.for_http(scope["method"])
+        message = state.message
+        if message is None or message.method is None:
+            # GET stream, DELETE of one's own session, or a reply to a server request.
+            return READ
+        required = self._policy.for_rpc(message.method)
+        if required is not None:
+            return required
+        name = message.name or ""
+        override = self._policy.tool_overrides.get(name)
+        if override is not None:
+            return override
+        known, annotations = await self._catalog.lookup(name, host=_host(scope))
+        # A tool the server never listed needs admin: nothing the client says can lower that.
+        return self._policy.for_tool(name, annotations) if known else self._policy.for_tool(name, None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        principal = state.principal
+        if principal is None:  # pragma: no cover - the authentication layer always runs first
+            raise RuntimeError("scope check reached without a principal")
+        required = await self._required(scope, state)
+        state.required_scope = required
+        if not self._policy.allows(principal.scopes, required):
+            raise InsufficientScope(f"this call needs the {required} scope", required=(required,))
+        message = state.message
+        if message is not None and message.method == "tools/list" and message.id is not None:
+            send = _ListingFilter(send, self._policy, principal, message.id).send
+        elif state.is_mcp:
+            send = self._watch_list_changed(send)
+        await self.app(scope, receive, send)
+
+    def _watch_list_changed(self, send: Send) -> Send:
+        catalog = self._catalog
+
+        async def watched(message: Message) -> None:
+            if message["type"] == "http.response.body" and _LIST_CHANGED in message.get("body", b""):
+                catalog.invalidate()
+            await send(message)
+
+        return watched
+
+
+class _ListingFilter:
+    """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
+
+    def __init__(self, send: Send, policy: ScopePolicy, principal: Principal, request_id: str | int) -> None:
+        self._send = send
+        self._policy = policy
+        self._principal = principal
+        self._id = request_id
+        self._mode = "pass"
+        self._start: Message | None = None
+        self._buffer: list[bytes] = []
+        self._size = 0
+        self._splitter = EventSplitter()
+
+    def _allowed(self, tool: Any) -> bool:
+        if not isinstance(tool, Mapping):
+            return False
+        annotations = tool.get("annotations")
+        required = self._policy.for_tool(
+            str(tool.get("name", "")), annotations if isinstance(annotations, Mapping) else None
+        )
+        return self._policy.allows(self._principal.scopes, required)
+
+    def _filter(self, payload: Any) -> Any:
+        if isinstance(payload, dict) and payload.get("id") == self._id and isinstance(payload.get("result"), dict):
+            result = payload["result"]
+            tools = result.get("tools")
+            if isinstance(tools, list):
+                result["tools"] = [tool for tool in tools if self._allowed(tool)]
+        return payload
+
+    def _rewrite_event(self, event: bytes) -> bytes:
+        kind, data = event_data(event)
+        if data is None or kind not in (None, "message"):
+            return event
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return event
+        if not (isinstance(payload, dict) and payload.get("id") == self._id):
+            return event
+        lines = [f"event: {kind}"] if kind else []
+        lines.append("data: " + json.dumps(self._filter(payload), separators=(",", ":")))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            content_type = b""
+            for name, value in message.get("headers", []):
+                if name.lower() == b"content-type":
+                    content_type = value.lower()
+            if message["status"] == 200 and content_type.startswith(b"application/json"):
+                self._mode, self._start = "json", message
+                return
+            if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
+                self._mode = "sse"
+            await self._send(message)
+            return
+        if message["type"] != "http.response.body" or self._mode == "pass":
+            await self._send(message)
+            return
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self._mode == "sse":
+            events = self._splitter.feed(body)
+            if self._splitter.pending_size > _MAX_LISTING:
+                raise RuntimeError("tools/list event too large to filter")
+            out = b"".join(self._rewrite_event(event) for event in events)
+            if not more:
+                out += self._splitter.rest()
+            await self._send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        self._size += len(body)
+        if self._size > _MAX_LISTING:
+            raise RuntimeError("tools/list answer too large to filter")
+        self._buffer.append(body)
+        if more:
+            return
+        await self._flush_json()
+
+    async def _flush_json(self) -> None:
+        start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
+        try:
+            body = json.dumps(self._filter(json.loads(b"".join(self._buffer))), separators=(",", ":")).encode()
+        except ValueError:
+            # What we cannot read we cannot filter, so it is not passed on.
+            error = {"code": -32603, "message": "the server's tools/list answer could not be read"}
+            body = json.dumps({"jsonrpc": "2.0", "id": self._id, "error": error}).encode()
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self._send({**start, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body, "more_body": False})

@@ -1,0 +1,76 @@
+"""Guard settings: one frozen dataclass, validated as a whole so every problem is reported at once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE
+
+__all__ = ["ConfigError", "GuardConfig"]
+
+_KNOWN_SCOPES = frozenset({READ, WRITE, ADMIN, AUDIT})
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``problems`` lists every reason."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid mcpguard configuration:\n  - " + "\n  - ".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardConfig:
+    """How the guard is reached and what it accepts.
+
+    ``public_url`` is the origin clients use to reach the guard (it names the protected resource in
+    RFC 9728 metadata and challenges); ``tenant_path`` is the per-tenant form of the MCP endpoint.
+    """
+
+    public_url: str = "http://127.0.0.1:8000"
+    mcp_path: str = "/mcp"
+    tenant_path: str | None = "/{tenant}/mcp"
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_json_depth: int = 64
+    api_key_header: str | None = None
+    tool_scopes: Mapping[str, str] = field(default_factory=dict)
+    authorization_servers: tuple[str, ...] = ()
+    resource_name: str | None = None
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        parts = urlsplit(self.public_url)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            problems.append(f"public_url must be an absolute http(s) URL, got {self.public_url!r}")
+        elif parts.path not in ("", "/") or parts.query or parts.fragment:
+            problems.append("public_url must be an origin only (scheme://host[:port]), without path or query")
+        if not self.mcp_path.startswith("/") or self.mcp_path.endswith("/") or "{" in self.mcp_path:
+            problems.append(f"mcp_path must start with '/' and not end with one, got {self.mcp_path!r}")
+        if self.tenant_path is not None and (
+            not self.tenant_path.startswith("/") or self.tenant_path.count("{tenant}") != 1
+        ):
+            problems.append(f"tenant_path must start with '/' and contain '{{tenant}}' once, got {self.tenant_path!r}")
+        if self.max_body_bytes < 1024:
+            problems.append("max_body_bytes must be at least 1024")
+        if not 2 <= self.max_json_depth <= 1000:
+            problems.append("max_json_depth must be between 2 and 1000")
+        if self.api_key_header is not None and (
+            not _HEADER_NAME.match(self.api_key_header) or self.api_key_header.lower() == "authorization"
+        ):
+            problems.append(
+                f"api_key_header must be a plain header name other than Authorization, got {self.api_key_header!r}"
+            )
+        for tool, scope in self.tool_scopes.items():
+            if scope not in _KNOWN_SCOPES:
+                problems.append(f"tool_scopes[{tool!r}] names unknown scope {scope!r}")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def origin(self) -> str:
+        """``public_url`` without a trailing slash."""
+        return self.public_url.rstrip("/")

@@ -1,0 +1,167 @@
+"""The one exception tree of mcpguard; each class knows how it goes on the wire.
+
+::
+
+    MCPGuardError                  never raised directly
+    ├── AuthenticationRequired     401, no credential was sent
+    ├── InvalidToken               401 invalid_token
+    ├── InsufficientScope          403 insufficient_scope (names every scope the call needs)
+    ├── TenantMismatch             403 tenant_mismatch
+    ├── InvalidRequest             400 invalid_request (malformed or ambiguous JSON-RPC)
+    │   └── HeaderMismatch         400, Mcp-Method / Mcp-Name disagree with the body
+    ├── PayloadTooLarge            413 request_too_large
+    ├── MethodNotAllowed           405 method_not_allowed
+    └── StorageUnavailable         503 temporarily_unavailable (fail closed)
+
+A subclass carries its wire code (RFC 6749 / RFC 6750 where one exists), its HTTP status, the JSON-RPC
+error code used when the refused request was JSON-RPC, and builds its own ``WWW-Authenticate``.
+Descriptions are written for the client and never contain credential material.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "AuthenticationRequired",
+    "HeaderMismatch",
+    "InsufficientScope",
+    "InvalidRequest",
+    "InvalidToken",
+    "MCPGuardError",
+    "MethodNotAllowed",
+    "PayloadTooLarge",
+    "StorageUnavailable",
+    "TenantMismatch",
+]
+
+# JSON-RPC 2.0 codes, and the MCP code for a routing header that disagrees with the body.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+HEADER_MISMATCH = -32020
+# Implementation-defined server errors (-32000..-32099) for refusals that are not malformed requests.
+UNAUTHORIZED = -32001
+FORBIDDEN = -32003
+UNAVAILABLE = -32005
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+class MCPGuardError(Exception):
+    """Root of every mcpguard error; never raised directly."""
+
+    error_code: ClassVar[str] = "server_error"
+    status: ClassVar[int] = 500
+    jsonrpc_code: int = -32603
+
+    def __init__(self, description: str) -> None:
+        super().__init__(description)
+        self.description = description
+
+    def challenge(self, resource_metadata: str | None) -> str | None:
+        """The ``WWW-Authenticate`` value for this refusal, or ``None`` when it has none."""
+        return None
+
+
+class _BearerChallenge(MCPGuardError):
+    include_error: ClassVar[bool] = True
+
+    def _params(self) -> list[tuple[str, str]]:
+        params: list[tuple[str, str]] = []
+        if self.include_error:
+            params.append(("error", self.error_code))
+            params.append(("error_description", self.description))
+        return params
+
+    def challenge(self, resource_metadata: str | None) -> str | None:
+        params = self._params()
+        if resource_metadata is not None:
+            params.append(("resource_metadata", resource_metadata))
+        if not params:
+            return "Bearer"
+        return "Bearer " + ", ".join(f'{name}="{_quote(value)}"' for name, value in params)
+
+
+class AuthenticationRequired(_BearerChallenge):
+    """No credential was presented (RFC 6750 §3.1: the challenge carries no error code)."""
+
+    error_code = "unauthorized"
+    status = 401
+    jsonrpc_code = UNAUTHORIZED
+    include_error = False
+
+
+class InvalidToken(_BearerChallenge):
+    """The credential is malformed, unknown, expired, revoked or meant for another resource."""
+
+    error_code = "invalid_token"
+    status = 401
+    jsonrpc_code = UNAUTHORIZED
+
+
+class InsufficientScope(_BearerChallenge):
+    """The credential is valid but lacks a scope the call needs."""
+
+    error_code = "insufficient_scope"
+    status = 403
+    jsonrpc_code = FORBIDDEN
+
+    def __init__(self, description: str, *, required: tuple[str, ...]) -> None:
+        super().__init__(description)
+        self.required = required
+
+    def _params(self) -> list[tuple[str, str]]:
+        return [*super()._params(), ("scope", " ".join(self.required))]
+
+
+class TenantMismatch(MCPGuardError):
+    """The request names a tenant other than the one its credential is bound to."""
+
+    error_code = "tenant_mismatch"
+    status = 403
+    jsonrpc_code = FORBIDDEN
+
+
+class InvalidRequest(MCPGuardError):
+    """The request cannot be decided on safely: malformed, ambiguous, or not JSON-RPC as MCP sends it."""
+
+    error_code = "invalid_request"
+    status = 400
+    jsonrpc_code = INVALID_REQUEST
+
+    def __init__(self, description: str, *, jsonrpc_code: int | None = None) -> None:
+        super().__init__(description)
+        if jsonrpc_code is not None:
+            self.jsonrpc_code = jsonrpc_code
+
+
+class HeaderMismatch(InvalidRequest):
+    """An ``Mcp-Method`` or ``Mcp-Name`` header disagrees with the body it travels with."""
+
+    jsonrpc_code = HEADER_MISMATCH
+
+
+class PayloadTooLarge(MCPGuardError):
+    """The request body is larger than the configured cap."""
+
+    error_code = "request_too_large"
+    status = 413
+    jsonrpc_code = INVALID_REQUEST
+
+
+class MethodNotAllowed(MCPGuardError):
+    """The HTTP method is not one the MCP endpoint serves."""
+
+    error_code = "method_not_allowed"
+    status = 405
+    jsonrpc_code = INVALID_REQUEST
+
+
+class StorageUnavailable(MCPGuardError):
+    """A store could not answer; the guard refuses rather than guess."""
+
+    error_code = "temporarily_unavailable"
+    status = 503
+    jsonrpc_code = UNAVAILABLE

@@ -1,0 +1,149 @@
+"""Assembly of the guard: ``build_guard()`` is the one place the order of the stack is decided."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mcpguard.asgi_lister import asgi_tool_lister
+from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
+from mcpguard.authorization import ScopeLayer
+from mcpguard.config import GuardConfig
+from mcpguard.errors import MCPGuardError
+from mcpguard.metadata import PublicRoutes, resource_metadata_url
+from mcpguard.parsing import ParseLayer
+from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
+from mcpguard.responses import send_error
+from mcpguard.routing import Router
+from mcpguard.scopes import ScopePolicy
+from mcpguard.tenancy import IDENTITY_HEADER_PREFIX, TenantLayer
+from mcpguard.tool_catalog import ToolCatalog, ToolLister
+
+__all__ = ["MCPGuard", "build_guard", "stack_names"]
+
+Layer = Callable[[ASGIApp], ASGIApp]
+
+
+class EntryLayer:
+    """Outermost: lifespan passes, WebSocket is refused, identity headers from outside are dropped."""
+
+    name = "entry"
+
+    def __init__(self, app: ASGIApp, config: GuardConfig, *, wrapped: ASGIApp) -> None:
+        self.app = app
+        self._wrapped = wrapped
+        self._router = Router(config)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            # Startup and shutdown belong to the wrapped app; no guard layer has anything to do there.
+            await self._wrapped(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            # MCP defines no WebSocket transport; closing before accept answers the handshake with 403.
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        headers = [(k, v) for k, v in scope["headers"] if not k.lower().startswith(IDENTITY_HEADER_PREFIX)]
+        state = RequestState()
+        scope = {**scope, "headers": headers, SCOPE_KEY: state}
+        try:
+            route = self._router.route(scope["path"])
+        except MCPGuardError as exc:
+            await send_error(send, exc, state, None)
+            return
+        if route is not None:
+            state.is_mcp = True
+            state.path_tenant = route.path_tenant
+        await self.app(scope, receive, send)
+
+
+class ErrorLayer:
+    """Turns any refusal raised below into its response, with the challenge MCP clients follow."""
+
+    name = "errors"
+
+    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
+        self.app = app
+        self._config = config
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+
+        async def tracking_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                state.response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except MCPGuardError as exc:
+            if state.response_started:
+                raise
+            resource_path = scope["path"] if state.is_mcp else self._config.mcp_path
+            await send_error(send, exc, state, resource_metadata_url(self._config, resource_path))
+
+
+def build_guard(
+    app: ASGIApp,
+    config: GuardConfig,
+    *,
+    keys: CredentialVerifier | None = None,
+    tokens: CredentialVerifier | None = None,
+    tool_lister: ToolLister | None = None,
+    catalog: ToolCatalog | None = None,
+    rate_limit: Layer | None = None,
+    audit: Layer | None = None,
+) -> ASGIApp:
+    """Wrap ``app`` in the guard stack, outermost first:
+
+    entry → audit → errors → public → parse → authenticate → tenant → rate limit → scopes → app.
+
+    Audit sits outside the error layer so it sees every outcome (401/403/429 included); parsing comes
+    before authentication so nothing is decided on a body the server would read differently; the
+    rate limit counts every authenticated call, refused by scope or not.
+    """
+    policy = ScopePolicy(tool_overrides=dict(config.tool_scopes))
+    if catalog is None:
+        catalog = ToolCatalog(tool_lister if tool_lister is not None else asgi_tool_lister(app, config.mcp_path))
+    inner: ASGIApp = ScopeLayer(app, policy=policy, catalog=catalog)
+    if rate_limit is not None:
+        inner = rate_limit(inner)
+    inner = TenantLayer(inner)
+    inner = AuthenticationLayer(inner, keys=keys, tokens=tokens, api_key_header=config.api_key_header)
+    inner = ParseLayer(inner, config)
+    inner = PublicRoutes(inner, config)
+    inner = ErrorLayer(inner, config)
+    if audit is not None:
+        inner = audit(inner)
+    return EntryLayer(inner, config, wrapped=app)
+
+
+def stack_names(guard: ASGIApp) -> list[str]:
+    """The names of the guard's layers, outermost first (the wrapped app is not included)."""
+    names: list[str] = []
+    layer: Any = guard
+    while isinstance(getattr(layer, "name", None), str) and hasattr(layer, "app"):
+        names.append(layer.name)
+        layer = layer.app
+    return names
+
+
+class MCPGuard:
+    """The guard around an ASGI app: ``app = MCPGuard(app, config, keys=KeyRing(...))``."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: GuardConfig | None = None,
+        *,
+        keys: CredentialVerifier | None = None,
+        tokens: CredentialVerifier | None = None,
+        tool_lister: ToolLister | None = None,
+    ) -> None:
+        self.config = config if config is not None else GuardConfig()
+        self._stack = build_guard(app, self.config, keys=keys, tokens=tokens, tool_lister=tool_lister)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._stack(scope, receive, send)

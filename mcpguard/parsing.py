@@ -1,0 +1,92 @@
+"""Buffer an MCP POST body (within the cap) and parse it before anything is decided."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mcpguard.config import GuardConfig
+from mcpguard.errors import InvalidRequest, MethodNotAllowed, PayloadTooLarge
+from mcpguard.jsonrpc import parse_message
+from mcpguard.request_state import state_of
+
+__all__ = ["ParseLayer"]
+
+# POST carries JSON-RPC; GET opens the server's stream; DELETE ends a session.
+_MCP_METHODS = frozenset({"POST", "GET", "DELETE"})
+
+
+class _Disconnected(Exception):
+    pass
+
+
+def _content_length(scope: Scope) -> int | None:
+    values = {v for k, v in scope["headers"] if k.lower() == b"content-length"}
+    if not values:
+        return None
+    if len(values) > 1:
+        raise InvalidRequest("conflicting Content-Length headers")
+    raw = values.pop()
+    if not raw.isdigit():
+        raise InvalidRequest("malformed Content-Length header")
+    return int(raw)
+
+
+async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
+    declared = _content_length(scope)
+    if declared is not None and declared > cap:
+        raise PayloadTooLarge(f"request body larger than {cap} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > cap:
+            raise PayloadTooLarge(f"request body larger than {cap} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    done = False
+
+    async def replay() -> Message:
+        nonlocal done
+        if not done:
+            done = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+class ParseLayer:
+    """Refuses what cannot be decided on safely; the app receives the body byte for byte."""
+
+    name = "parse"
+
+    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
+        self.app = app
+        self._cap = config.max_body_bytes
+        self._depth = config.max_json_depth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        if not state.is_mcp:
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        if method not in _MCP_METHODS:
+            raise MethodNotAllowed(f"{method} is not served on the MCP endpoint")
+        if method != "POST":
+            await self.app(scope, receive, send)
+            return
+        try:
+            body = await _read_body(scope, receive, self._cap)
+        except _Disconnected:
+            return
+        state.message = parse_message(body, scope["headers"], max_depth=self._depth)
+        await self.app(scope, _replay(body, receive), send)

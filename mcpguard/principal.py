@@ -1,0 +1,48 @@
+"""Who is calling: built only from a verified credential, never from anything the client asserts."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+__all__ = ["CredentialKind", "Principal", "bound_principal", "current_principal"]
+
+
+class CredentialKind(enum.StrEnum):
+    """How the principal proved who it is."""
+
+    KEY = "key"
+    TOKEN = "token"  # noqa: S105 - a credential kind, not a secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Principal:
+    """The verified identity of one request: the tenant is bound by the credential, server-side."""
+
+    tenant: str
+    subject: str
+    credential_id: str
+    client_id: str
+    scopes: frozenset[str]
+    kind: CredentialKind
+
+
+_current: ContextVar[Principal | None] = ContextVar("mcpguard_principal", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The principal of the request being served in this task, or ``None`` outside the guard."""
+    return _current.get()
+
+
+@contextmanager
+def bound_principal(principal: Principal) -> Iterator[None]:
+    """Make ``principal`` the current one for the duration of the block (reset in ``finally``)."""
+    token = _current.set(principal)
+    try:
+        yield
+    finally:
+        _current.reset(token)

@@ -1,0 +1,33 @@
+"""What the guard learns about one request, kept in ``scope["mcpguard"]`` and never on a middleware."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.types import Scope
+
+from mcpguard.jsonrpc import RpcMessage
+from mcpguard.principal import Principal
+
+__all__ = ["RequestState", "state_of"]
+
+SCOPE_KEY = "mcpguard"
+
+
+@dataclass(slots=True)
+class RequestState:
+    """Per-request facts, filled in by each layer in stack order."""
+
+    is_mcp: bool = False
+    path_tenant: str | None = None
+    resource: str | None = None
+    message: RpcMessage | None = None
+    principal: Principal | None = None
+    required_scope: str | None = None
+    response_started: bool = False
+
+
+def state_of(scope: Scope) -> RequestState:
+    """The guard's state for this request (created by the outermost layer)."""
+    state: RequestState = scope[SCOPE_KEY]
+    return state

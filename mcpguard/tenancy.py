@@ -1,0 +1,41 @@
+"""Bind the request to the credential's tenant: a path naming another tenant is refused, and the app
+learns the identity only from the guard (scope, ContextVar, and trusted headers)."""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcpguard.errors import TenantMismatch
+from mcpguard.principal import bound_principal
+from mcpguard.request_state import state_of
+
+__all__ = ["IDENTITY_HEADER_PREFIX", "TenantLayer"]
+
+IDENTITY_HEADER_PREFIX = b"x-mcpguard-"
+
+
+class TenantLayer:
+    """Checks the path tenant against the principal and hands the principal to the app."""
+
+    name = "tenant"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        principal = state.principal
+        if principal is None:  # pragma: no cover - the authentication layer always runs first
+            raise RuntimeError("tenant binding reached without a principal")
+        if state.path_tenant is not None and state.path_tenant != principal.tenant:
+            raise TenantMismatch("this credential is not valid for the tenant named in the URL")
+        # Inbound copies were stripped by the outermost layer; these are the only ones the app sees.
+        scope["headers"] = [
+            *scope["headers"],
+            (b"x-mcpguard-tenant", principal.tenant.encode()),
+            (b"x-mcpguard-subject", principal.subject.encode()),
+            (b"x-mcpguard-scopes", " ".join(sorted(principal.scopes)).encode()),
+            (b"x-mcpguard-credential", principal.credential_id.encode()),
+        ]
+        with bound_principal(principal):
+            await self.app(scope, receive, send)
