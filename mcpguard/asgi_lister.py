@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import anyio
-
 from starlette.types import ASGIApp, Message
 
 from mcpguard.sse import EventSplitter, event_data

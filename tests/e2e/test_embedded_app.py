@@ -26,7 +26,8 @@ MODES = ["legacy", "auto"]
 
 def _load_example() -> ModuleType:
     spec = importlib.util.spec_from_file_location("embedded_app_example", EXAMPLE)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -144,7 +145,8 @@ def test_admin_key_calls_everything_within_its_tenant(deployment: Deployment, mo
 
     names, deleted, after = _run(deployment, deployment.keys["admin"], mode, action)
     assert names == ["add_note", "delete_all_notes", "list_notes"]
-    assert deleted.is_error is False and after.structured_content == {"result": []}
+    assert deleted.is_error is False
+    assert after.structured_content == {"result": []}
 
     async def other_notes(client: Client) -> Any:
         return await client.call_tool("list_notes", {})
@@ -158,7 +160,8 @@ def test_unauthenticated_request_gets_a_followable_challenge(deployment: Deploym
     response = httpx2.post(f"{deployment.url}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
     assert response.status_code == 401
     challenge = response.headers["www-authenticate"]
-    assert challenge.startswith("Bearer ") and "error=" not in challenge
+    assert challenge.startswith("Bearer ")
+    assert "error=" not in challenge
     metadata_url = challenge.split('resource_metadata="', 1)[1].rstrip('"')
     assert metadata_url == f"{deployment.url}/.well-known/oauth-protected-resource/mcp"
     metadata = httpx2.get(metadata_url).json()
