@@ -1,0 +1,263 @@
+"""Bearer access tokens: a JWT counts only if the configured issuer signed it for this resource."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import jwt
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from jwt.types import Options
+
+from mcpguard.errors import InvalidToken, StorageUnavailable
+from mcpguard.principal import CredentialKind, Principal
+
+__all__ = ["JWTVerifier", "TokenVerifier"]
+
+_REQUIRED_CLAIMS = ("exp", "iat", "jti", "iss", "aud", "sub")
+_NUMERIC_DATES = ("exp", "iat", "nbf")
+_PRIVATE_KEYS = (Ed25519PrivateKey, Ed448PrivateKey, EllipticCurvePrivateKey, RSAPrivateKey)
+_JWKS_TIMEOUT_SECONDS = 5.0
+
+# Most specific first: InvalidSignatureError is a DecodeError, PyJWKClientConnectionError a PyJWKClientError.
+_DESCRIPTIONS: tuple[tuple[type[jwt.PyJWTError], str], ...] = (
+    (jwt.ExpiredSignatureError, "token expired"),
+    (jwt.ImmatureSignatureError, "token not yet valid"),
+    (jwt.InvalidAudienceError, "token audience mismatch"),
+    (jwt.InvalidIssuerError, "token issuer mismatch"),
+    (jwt.InvalidAlgorithmError, "token algorithm not allowed"),
+    (jwt.InvalidSignatureError, "token signature invalid"),
+    (jwt.InvalidKeyError, "token signing key unusable"),
+    (jwt.PyJWKClientError, "token signing key unknown"),
+)
+
+
+@runtime_checkable
+class TokenVerifier(Protocol):
+    """Turns a bearer token into the principal it proves, or refuses it."""
+
+    async def verify(self, token: str) -> Principal:
+        """The principal ``token`` proves; raises ``InvalidToken`` for anything not acceptable."""
+        ...
+
+
+class JWTVerifier:
+    """Verifies JWT access tokens from one issuer, for one audience, with one key source.
+
+    ``key`` is an HMAC secret when ``algorithms`` are HS*, and otherwise a public key (object, PEM or
+    JWK), a ``jwt.PyJWKClient``, or the ``https://`` URL of the issuer's JWKS.
+    """
+
+    __slots__ = (
+        "_algorithms",
+        "_audience",
+        "_issuer",
+        "_jwks",
+        "_key",
+        "_leeway",
+        "_max_token_bytes",
+        "_options",
+        "_scope_claim",
+        "_tenant_claim",
+    )
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str,
+        key: str | bytes | PublicKeyTypes | jwt.PyJWK | jwt.PyJWKClient,
+        algorithms: Sequence[str] = ("EdDSA",),
+        tenant_claim: str = "tenant",
+        scope_claim: str = "scope",
+        leeway: float = 30,
+        max_token_bytes: int = 8192,
+    ) -> None:
+        if not issuer or not audience:
+            raise ValueError("issuer and audience must be non-empty")
+        if not tenant_claim or not scope_claim:
+            raise ValueError("tenant_claim and scope_claim must be non-empty")
+        if leeway < 0 or max_token_bytes <= 0:
+            raise ValueError("leeway must be >= 0 and max_token_bytes > 0")
+        self._algorithms = _checked_algorithms(algorithms)
+        self._issuer = issuer
+        self._audience = audience
+        self._tenant_claim = tenant_claim
+        self._scope_claim = scope_claim
+        self._leeway = leeway
+        self._max_token_bytes = max_token_bytes
+        self._options: Options = {
+            "require": list(dict.fromkeys((*_REQUIRED_CLAIMS, tenant_claim))),
+            "enforce_minimum_key_length": True,
+        }
+        self._jwks: jwt.PyJWKClient | None = None
+        self._key: Any = None
+        if isinstance(key, jwt.PyJWKClient):
+            self._jwks = key
+        elif isinstance(key, str) and key.startswith(("https://", "http://")) and not _symmetric(self._algorithms):
+            self._jwks = jwt.PyJWKClient(_checked_jwks_url(key), timeout=_JWKS_TIMEOUT_SECONDS)
+        else:
+            self._key = _prepared_key(key, self._algorithms)
+
+    async def verify(self, token: str) -> Principal:
+        """The principal ``token`` proves, or ``InvalidToken`` when it is refused.
+
+        An unreachable JWKS raises ``StorageUnavailable`` (503): the token may be fine, so fail closed.
+        """
+        # Compared before parsing so an oversized token costs nothing; a non-ASCII one is no JWS at all.
+        if len(token) > self._max_token_bytes:
+            raise InvalidToken("token too large")
+        if not token.isascii():
+            raise InvalidToken("token malformed")
+        # `from None` throughout: library messages can quote token segments, which must not reach logs.
+        try:
+            key = self._key
+            if self._jwks is not None:
+                key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            claims = jwt.decode(
+                token,
+                key,
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options=self._options,
+            )
+        except jwt.PyJWKClientConnectionError:
+            raise StorageUnavailable("token signing keys unavailable") from None
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidToken(f"token missing claim {exc.claim}") from None
+        except jwt.PyJWTError as exc:
+            raise InvalidToken(_describe(exc)) from None
+        return self._principal(claims)
+
+    def _principal(self, claims: Mapping[str, Any]) -> Principal:
+        for name in _NUMERIC_DATES:
+            value = claims.get(name)
+            # pyjwt coerces with int(), which would also take "123" or true.
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise InvalidToken(f"token claim {name} malformed")
+        subject = _text(claims, "sub")
+        token_id = _text(claims, "jti")
+        client_id = _optional_text(claims, "client_id") or _optional_text(claims, "azp") or subject
+        return Principal(
+            tenant=_text(claims, self._tenant_claim),
+            subject=subject,
+            # The grant id lets one revocation stop every access token of the grant.
+            credential_id=_optional_text(claims, "gid") or token_id,
+            client_id=client_id,
+            scopes=self._scopes(claims),
+            kind=CredentialKind.TOKEN,
+        )
+
+    def _scopes(self, claims: Mapping[str, Any]) -> frozenset[str]:
+        name = self._scope_claim if self._scope_claim in claims else "scp"
+        raw = claims.get(name)
+        if raw is None:
+            return frozenset()
+        if isinstance(raw, str):
+            return frozenset(raw.split())
+        if isinstance(raw, list) and all(isinstance(scope, str) and scope for scope in raw):
+            return frozenset(raw)
+        raise InvalidToken("token scope malformed")
+
+
+def _describe(exc: jwt.PyJWTError) -> str:
+    for kind, description in _DESCRIPTIONS:
+        if isinstance(exc, kind):
+            return description
+    return "token malformed"
+
+
+def _text(claims: Mapping[str, Any], name: str) -> str:
+    value = _optional_text(claims, name)
+    if value is None:
+        raise InvalidToken(f"token claim {name} malformed")
+    return value
+
+
+def _optional_text(claims: Mapping[str, Any], name: str) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidToken(f"token claim {name} malformed")
+    return value
+
+
+def _symmetric(algorithms: tuple[str, ...]) -> bool:
+    return algorithms[0].startswith("HS")
+
+
+def _checked_algorithms(algorithms: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(algorithms, str):
+        raise ValueError("algorithms must be a sequence of names, not one string")
+    names = tuple(algorithms)
+    if not names:
+        raise ValueError("algorithms must name at least one algorithm")
+    if any(name.lower() == "none" for name in names):
+        raise ValueError('the "none" algorithm is never accepted')
+    known = jwt.algorithms.get_default_algorithms()
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown algorithms: {', '.join(unknown)}")
+    # One key read as an HMAC secret by one algorithm and as a public key by another is the
+    # algorithm-confusion attack (RFC 8725 §2.1), so a verifier is either symmetric or not.
+    if len({name.startswith("HS") for name in names}) > 1:
+        raise ValueError("HS* algorithms cannot be mixed with asymmetric ones in one verifier")
+    return names
+
+
+def _checked_jwks_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        return url
+    # Keys fetched in the clear could be swapped by anyone on the path; loopback is exempt for local setups.
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError("a JWKS URL must use https (plain http only on loopback)")
+    return url
+
+
+def _prepared_key(key: object, algorithms: tuple[str, ...]) -> Any:
+    if _symmetric(algorithms):
+        if not isinstance(key, str | bytes):
+            raise ValueError("HS* algorithms need a str or bytes shared secret")
+        # A URL is public, so taking one as the shared secret would let anyone mint tokens.
+        if isinstance(key, str) and key.startswith(("https://", "http://")):
+            raise ValueError("HS* algorithms need a shared secret, not a JWKS URL")
+    if isinstance(key, jwt.PyJWK):
+        if key.algorithm_name not in algorithms:
+            raise ValueError(f"the JWK is for {key.algorithm_name}, which algorithms does not allow")
+        _check_prepared(key.key, key.Algorithm)
+        return key
+    prepared: Any = None
+    for name in algorithms:
+        algorithm = jwt.get_algorithm_by_name(name)
+        try:
+            prepared = algorithm.prepare_key(key)
+        except (jwt.InvalidKeyError, TypeError, ValueError):
+            # `from None`: the underlying message could echo secret material.
+            raise ValueError(f"the key does not suit {name}") from None
+        _check_prepared(prepared, algorithm)
+    return prepared
+
+
+def _check_prepared(prepared: object, algorithm: jwt.algorithms.Algorithm) -> None:
+    if isinstance(prepared, _PRIVATE_KEYS):
+        raise ValueError("pass the public key: a verifier must not hold the signing key")
+    weakness = algorithm.check_key_length(prepared)
+    if weakness is not None:
+        raise ValueError(weakness)
