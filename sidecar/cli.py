@@ -1,0 +1,231 @@
+"""The ``mcpguard`` command: operator tasks, each a thin layer over the library's public API.
+
+Every command is added to the parser by one function listed in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import sys
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeAlias
+
+import argon2
+
+from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
+
+__all__ = ["main"]
+
+DEFAULT_STATE = "./mcpguard.db"
+_DURATION = re.compile(r"([1-9][0-9]*)([dhm])")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+# A string: argparse does not make this class subscriptable at run time.
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+_EPILOG = """\
+environment:
+  MCPGUARD_STATE           where state lives when --state is not given (default ./mcpguard.db)
+  MCPGUARD_ARGON2_PROFILE  'cheapest' makes key hashing trivially cheap: for tests only, never in production
+"""
+
+
+def _expiry(text: str) -> datetime:
+    match = _DURATION.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected a duration such as 90d, 12h or 30m, not {text!r}")
+    try:
+        return datetime.now(UTC) + timedelta(**{_UNITS[match[2]]: int(match[1])})
+    except OverflowError:
+        raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
+
+
+def _scope_list(text: str) -> list[str]:
+    return [scope.strip() for scope in text.split(",") if scope.strip()]
+
+
+def _state_url(args: argparse.Namespace) -> str:
+    state: str = getattr(args, "state", None) or os.environ.get("MCPGUARD_STATE") or DEFAULT_STATE
+    return state if "://" in state else f"sqlite:///{state}"
+
+
+def _hasher() -> argon2.PasswordHasher:
+    profile = os.environ.get("MCPGUARD_ARGON2_PROFILE", "")
+    if not profile:
+        return argon2.PasswordHasher()
+    if profile == "cheapest":
+        return argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    raise ValueError("MCPGUARD_ARGON2_PROFILE accepts only 'cheapest' (for tests)")
+
+
+@asynccontextmanager
+async def _keyring(args: argparse.Namespace) -> AsyncIterator[KeyRing]:
+    store = open_store(_state_url(args))
+    ring = KeyRing(store=store, hasher=_hasher())
+    try:
+        yield ring
+    finally:
+        await ring.aclose()
+        await store.close()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat(timespec="seconds")
+
+
+def _record_json(record: KeyRecord) -> dict[str, Any]:
+    # Field by field, so that the hash can never be printed by accident.
+    return {
+        "key_id": record.key_id,
+        "tenant": record.tenant,
+        "name": record.name,
+        "scopes": list(record.scopes),
+        "created_at": _iso(record.created_at),
+        "expires_at": _iso(record.expires_at),
+        "revoked_at": _iso(record.revoked_at),
+    }
+
+
+def _status(record: KeyRecord, now: datetime) -> str:
+    if record.revoked_at is not None:
+        return "revoked"
+    if record.expires_at is not None and record.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+async def _keys_create(args: argparse.Namespace) -> int:
+    async with _keyring(args) as ring:
+        if args.scopes is None:
+            key, record = await ring.create(tenant=args.tenant, name=args.name, expires_at=args.expires)
+        else:
+            key, record = await ring.create(
+                tenant=args.tenant, scopes=args.scopes, name=args.name, expires_at=args.expires
+            )
+    if args.json:
+        print(json.dumps({"key": key, **_record_json(record)}))
+        return 0
+    print(key)
+    print(
+        "This key is shown only once: store it now.\n"
+        f"key id:  {record.key_id}\n"
+        f"tenant:  {record.tenant}\n"
+        f"scopes:  {' '.join(record.scopes)}\n"
+        f"name:    {record.name or '-'}\n"
+        f"expires: {_iso(record.expires_at) or 'never'}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _keys_list(args: argparse.Namespace) -> int:
+    async with _keyring(args) as ring:
+        records = await ring.list(args.tenant)
+    if args.json:
+        print(json.dumps([_record_json(record) for record in records]))
+        return 0
+    now = datetime.now(UTC)
+    rows = [("KEY ID", "STATUS", "SCOPES", "CREATED", "EXPIRES", "NAME")]
+    rows += [
+        (
+            r.key_id,
+            _status(r, now),
+            ",".join(r.scopes),
+            _iso(r.created_at) or "",
+            _iso(r.expires_at) or "never",
+            r.name or "-",
+        )
+        for r in records
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+async def _keys_revoke(args: argparse.Namespace) -> int:
+    async with _keyring(args) as ring:
+        record = await ring.revoke(args.key_id)
+    if record is None:
+        # The argument is not repeated: it may be a whole key pasted by mistake.
+        print("mcpguard: error: no key with that id", file=sys.stderr)
+        return 1
+    print(f"revoked key {record.key_id} of tenant {record.tenant} at {_iso(record.revoked_at)}")
+    return 0
+
+
+def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    keys = commands.add_parser("keys", parents=[common], help="create, list and revoke MCP keys")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    create = actions.add_parser("create", parents=[common], help="create a key and print it once")
+    create.add_argument("--tenant", required=True, help="the tenant the key is bound to")
+    create.add_argument(
+        "--scopes", type=_scope_list, metavar="S1,S2", help="comma-separated scopes (default mcp:read,mcp:write)"
+    )
+    create.add_argument("--name", help="a label shown as the key's subject")
+    create.add_argument("--expires", type=_expiry, metavar="DURATION", help="lifetime such as 90d, 12h or 30m")
+    create.add_argument("--json", action="store_true", help="print one JSON object")
+    create.set_defaults(run=_keys_create)
+
+    listing = actions.add_parser("list", parents=[common], help="list a tenant's keys (never their hashes)")
+    listing.add_argument("--tenant", required=True)
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(run=_keys_list)
+
+    revoke = actions.add_parser("revoke", parents=[common], help="revoke a key at once")
+    revoke.add_argument("key_id", metavar="KEY_ID")
+    revoke.set_defaults(run=_keys_revoke)
+
+
+_COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (_add_keys,)
+
+
+def _parser() -> argparse.ArgumentParser:
+    # --state is accepted before or after any subcommand; SUPPRESS keeps a later parser from resetting it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--state",
+        default=argparse.SUPPRESS,
+        metavar="URL_OR_PATH",
+        help="store URL (memory://, sqlite:///PATH) or an SQLite file path",
+    )
+    parser = argparse.ArgumentParser(
+        prog="mcpguard",
+        description="Security layer for MCP servers.",
+        parents=[common],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in _COMMANDS:
+        add(commands, common)
+    return parser
+
+
+def _explain(error: Exception) -> str:
+    # A store's description is written for clients; the operator also gets the underlying cause.
+    if isinstance(error, MCPGuardError) and error.__cause__ is not None:
+        return f"{error.description} ({error.__cause__})"
+    return str(error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        status: int = asyncio.run(args.run(args))
+    except (MCPGuardError, ValueError) as error:
+        print(f"mcpguard: error: {_explain(error)}", file=sys.stderr)
+        return 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
