@@ -12,6 +12,7 @@ from mcpguard.errors import (
     MCPGuardError,
     MethodNotAllowed,
     PayloadTooLarge,
+    SessionNotFound,
     StorageUnavailable,
     TenantMismatch,
 )
@@ -19,6 +20,7 @@ from mcpguard.guard import MCPGuard, build_guard, stack_names
 from mcpguard.keyring import KeyRing
 from mcpguard.principal import CredentialKind, Principal, current_principal
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
+from mcpguard.sessions import MemorySessionBindings, SessionBindings
 from mcpguard.stores import open_store
 from mcpguard.stores.base import KeyRecord, KeyStore, Store
 from mcpguard.tokens import JWTVerifier, TokenVerifier
@@ -41,11 +43,14 @@ __all__ = [
     "KeyStore",
     "MCPGuard",
     "MCPGuardError",
+    "MemorySessionBindings",
     "MethodNotAllowed",
     "PayloadTooLarge",
     "Principal",
     "READ",
     "ScopePolicy",
+    "SessionBindings",
+    "SessionNotFound",
     "StorageUnavailable",
     "Store",
     "TenantMismatch",

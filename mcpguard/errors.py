@@ -9,6 +9,7 @@
     ├── TenantMismatch             403 tenant_mismatch
     ├── InvalidRequest             400 invalid_request (malformed or ambiguous JSON-RPC)
     │   └── HeaderMismatch         400, Mcp-Method / Mcp-Name disagree with the body
+    ├── SessionNotFound            404 session_not_found (unknown, or opened by another principal)
     ├── PayloadTooLarge            413 request_too_large
     ├── MethodNotAllowed           405 method_not_allowed
     └── StorageUnavailable         503 temporarily_unavailable (fail closed)
@@ -31,6 +32,7 @@ __all__ = [
     "MCPGuardError",
     "MethodNotAllowed",
     "PayloadTooLarge",
+    "SessionNotFound",
     "StorageUnavailable",
     "TenantMismatch",
 ]
@@ -141,6 +143,14 @@ class HeaderMismatch(InvalidRequest):
     """An ``Mcp-Method`` or ``Mcp-Name`` header disagrees with the body it travels with."""
 
     jsonrpc_code = HEADER_MISMATCH
+
+
+class SessionNotFound(MCPGuardError):
+    """The ``Mcp-Session-Id`` is unknown here or belongs to another principal; the client starts anew."""
+
+    error_code = "session_not_found"
+    status = 404
+    jsonrpc_code = INVALID_REQUEST
 
 
 class PayloadTooLarge(MCPGuardError):

@@ -18,6 +18,7 @@ from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
 from mcpguard.responses import send_error
 from mcpguard.routing import Router
 from mcpguard.scopes import ScopePolicy
+from mcpguard.sessions import MemorySessionBindings, SessionBindings, SessionLayer
 from mcpguard.tenancy import IDENTITY_HEADER_PREFIX, TenantLayer
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
 
@@ -93,16 +94,18 @@ def build_guard(
     tokens: CredentialVerifier | None = None,
     tool_lister: ToolLister | None = None,
     catalog: ToolCatalog | None = None,
+    sessions: SessionBindings | None = None,
     rate_limit: Layer | None = None,
     audit: Layer | None = None,
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
-    entry → audit → errors → public → parse → authenticate → tenant → rate limit → scopes → app.
+    entry → audit → errors → public → parse → authenticate → tenant → sessions → rate limit → scopes → app.
 
     Audit sits outside the error layer so it sees every outcome (401/403/429 included); parsing comes
     before authentication so nothing is decided on a body the server would read differently; the
-    rate limit counts every authenticated call, refused by scope or not.
+    rate limit counts every authenticated call, refused by scope or not. A session is checked against
+    its owner before anything is counted or forwarded under it.
     """
     policy = ScopePolicy(tool_overrides=dict(config.tool_scopes))
     if catalog is None:
@@ -110,6 +113,7 @@ def build_guard(
     inner: ASGIApp = ScopeLayer(app, policy=policy, catalog=catalog)
     if rate_limit is not None:
         inner = rate_limit(inner)
+    inner = SessionLayer(inner, bindings=sessions if sessions is not None else MemorySessionBindings())
     inner = TenantLayer(inner)
     inner = AuthenticationLayer(inner, keys=keys, tokens=tokens, api_key_header=config.api_key_header)
     inner = ParseLayer(inner, config)

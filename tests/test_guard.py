@@ -206,6 +206,7 @@ def test_stack_order_is_decided_in_one_place() -> None:
         "parse",
         "authenticate",
         "tenant",
+        "sessions",
         "rate_limit",
         "scopes",
     ]

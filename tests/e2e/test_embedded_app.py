@@ -167,3 +167,48 @@ def test_unauthenticated_request_gets_a_followable_challenge(deployment: Deploym
     metadata = httpx2.get(metadata_url).json()
     assert metadata["resource"] == f"{deployment.url}/mcp"
     assert response.json()["error"]["code"] == -32001
+
+
+def _legacy_post(url: str, key: str, body: dict[str, Any], session: str | None = None) -> httpx2.Response:
+    headers = {
+        "authorization": f"Bearer {key}",
+        "accept": "application/json, text/event-stream",
+        "mcp-protocol-version": "2025-11-25",
+    }
+    if session is not None:
+        headers["mcp-session-id"] = session
+    return httpx2.post(f"{url}/mcp", json=body, headers=headers)
+
+
+@pytest.mark.threat("T-SESSION-HIJACK")
+def test_session_hijack_with_another_key_refused(deployment: Deployment) -> None:
+    """A session id opened by one key is 404 for any other key, even of the same tenant; its owner goes on."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    opened = _legacy_post(deployment.url, deployment.keys["admin"], init)
+    session = opened.headers["mcp-session-id"]
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    assert _legacy_post(deployment.url, deployment.keys["admin"], initialized, session).status_code == 202
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "list_notes", "arguments": {}}}
+    for thief in ("other", "write"):
+        stolen = _legacy_post(deployment.url, deployment.keys[thief], call, session)
+        assert stolen.status_code == 404
+        assert stolen.json()["error"]["data"]["error"] == "session_not_found"
+    assert _legacy_post(deployment.url, deployment.keys["admin"], call, session).status_code == 200
+    ended = httpx2.delete(
+        f"{deployment.url}/mcp",
+        headers={"authorization": f"Bearer {deployment.keys['admin']}", "mcp-session-id": session},
+    )
+    assert ended.status_code == 200
+    assert _legacy_post(deployment.url, deployment.keys["admin"], call, session).status_code == 404
+
+
+@pytest.mark.threat("T-SESSION-HIJACK")
+def test_made_up_session_id_refused(deployment: Deployment) -> None:
+    """A session id the guard never saw opened is 404, so guessing ids gets nothing forwarded."""
+    call = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+    assert _legacy_post(deployment.url, deployment.keys["admin"], call, "0" * 32).status_code == 404
