@@ -84,7 +84,7 @@ async def _exchange(
 def _responses(content_type: str, body: bytes) -> list[Any]:
     if content_type.startswith("text/event-stream"):
         splitter = EventSplitter()
-        events = splitter.feed(body) + ([splitter.rest()] if splitter.rest() else [])
+        events = splitter.feed(body) + splitter.close()
         out: list[Any] = []
         for event in events:
             _, data = event_data(event)

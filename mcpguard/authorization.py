@@ -116,8 +116,9 @@ class _ListingFilter:
         return payload
 
     def _rewrite_event(self, event: bytes) -> bytes:
+        # Whatever the event type, an answer to this request is filtered: a client may read any type.
         kind, data = event_data(event)
-        if data is None or kind not in (None, "message"):
+        if data is None:
             return event
         try:
             payload = json.loads(data)
@@ -151,9 +152,10 @@ class _ListingFilter:
             events = self._splitter.feed(body)
             if self._splitter.pending_size > _MAX_LISTING:
                 raise RuntimeError("tools/list event too large to filter")
-            out = b"".join(self._rewrite_event(event) for event in events)
             if not more:
-                out += self._splitter.rest()
+                # The last bytes are filtered too: what we could not frame must not pass unread.
+                events += self._splitter.close()
+            out = b"".join(self._rewrite_event(event) for event in events)
             await self._send({"type": "http.response.body", "body": out, "more_body": more})
             return
         self._size += len(body)

@@ -12,7 +12,8 @@ from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE
 __all__ = ["ConfigError", "GuardConfig"]
 
 _KNOWN_SCOPES = frozenset({READ, WRITE, ADMIN, AUDIT})
-_HEADER_NAME = re.compile(r"^[A-Za-z0-9-]+$")
+_ENDPOINT = re.compile(r"(/[^/{}]+|/\{tenant\})+")
+_HEADER_NAME = re.compile(r"[A-Za-z0-9-]+")
 
 
 class ConfigError(ValueError):
@@ -48,18 +49,23 @@ class GuardConfig:
             problems.append(f"public_url must be an absolute http(s) URL, got {self.public_url!r}")
         elif parts.path not in ("", "/") or parts.query or parts.fragment:
             problems.append("public_url must be an origin only (scheme://host[:port]), without path or query")
-        if not self.mcp_path.startswith("/") or self.mcp_path.endswith("/") or "{" in self.mcp_path:
-            problems.append(f"mcp_path must start with '/' and not end with one, got {self.mcp_path!r}")
+        # Request paths are compared after collapsing and trimming slashes; configured ones must already be.
+        if not _ENDPOINT.fullmatch(self.mcp_path) or "{" in self.mcp_path:
+            problems.append(
+                f"mcp_path must be '/'-separated segments without '//', '{{' or a trailing '/', got {self.mcp_path!r}"
+            )
         if self.tenant_path is not None and (
-            not self.tenant_path.startswith("/") or self.tenant_path.count("{tenant}") != 1
+            not _ENDPOINT.fullmatch(self.tenant_path) or self.tenant_path.count("{tenant}") != 1
         ):
-            problems.append(f"tenant_path must start with '/' and contain '{{tenant}}' once, got {self.tenant_path!r}")
+            problems.append(
+                f"tenant_path must be like mcp_path with one '{{tenant}}' segment, got {self.tenant_path!r}"
+            )
         if self.max_body_bytes < 1024:
             problems.append("max_body_bytes must be at least 1024")
         if not 2 <= self.max_json_depth <= 1000:
             problems.append("max_json_depth must be between 2 and 1000")
         if self.api_key_header is not None and (
-            not _HEADER_NAME.match(self.api_key_header) or self.api_key_header.lower() == "authorization"
+            not _HEADER_NAME.fullmatch(self.api_key_header) or self.api_key_header.lower() == "authorization"
         ):
             problems.append(
                 f"api_key_header must be a plain header name other than Authorization, got {self.api_key_header!r}"

@@ -6,25 +6,43 @@ import re
 
 __all__ = ["EventSplitter", "event_data"]
 
-_BOUNDARY = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# SSE lines end in CRLF, LF or CR, mixed freely; an empty line ends an event.
 _LINE = re.compile(rb"\r\n|\n|\r")
 
 
 class EventSplitter:
-    """Feed chunks in, get back every complete event (with its terminating blank line)."""
+    """Feed chunks in, get back every complete event (with its terminating blank line), scanning each
+    byte once. A CR at the end of a chunk waits for the next byte, since it may begin a CRLF."""
 
     def __init__(self) -> None:
         self._pending = b""
+        self._scanned = 0
+        self._line_start = 0
 
     def feed(self, chunk: bytes) -> list[bytes]:
         """The complete events that ``chunk`` finishes, in order."""
-        data = self._pending + chunk
+        return self._scan(self._pending + chunk, final=False)
+
+    def close(self) -> list[bytes]:
+        """At end of stream: the events a final CR completes, then any unfinished tail as one last piece."""
+        events = self._scan(self._pending, final=True)
+        tail, self._pending, self._scanned, self._line_start = self._pending, b"", 0, 0
+        return [*events, tail] if tail else events
+
+    def _scan(self, data: bytes, *, final: bool) -> list[bytes]:
+        scanned, line_start, event_start = len(data), self._line_start, 0
         events: list[bytes] = []
-        start = 0
-        for match in _BOUNDARY.finditer(data):
-            events.append(data[start : match.end()])
-            start = match.end()
-        self._pending = data[start:]
+        for match in _LINE.finditer(data, self._scanned):
+            if not final and match.group() == b"\r" and match.end() == len(data):
+                scanned = match.start()
+                break
+            if match.start() == line_start:
+                events.append(data[event_start : match.end()])
+                event_start = match.end()
+            line_start = match.end()
+        self._pending = data[event_start:]
+        self._scanned = scanned - event_start
+        self._line_start = line_start - event_start
         return events
 
     def rest(self) -> bytes:
@@ -48,7 +66,7 @@ def event_data(event: bytes) -> tuple[str | None, str | None]:
         name, _, value = line.partition(":")
         value = value.removeprefix(" ")
         if name == "event":
-            kind = value
+            kind = value or None  # an empty type is dispatched as the default, "message"
         elif name == "data":
             data.append(value)
     return kind, ("\n".join(data) if data else None)
