@@ -15,16 +15,20 @@ from mcpguard.errors import (
     SessionNotFound,
     StorageUnavailable,
     TenantMismatch,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
 from mcpguard.guard import MCPGuard, build_guard, stack_names
 from mcpguard.keyring import KeyRing
 from mcpguard.principal import CredentialKind, Principal, current_principal
+from mcpguard.request_state import RequestState, state_of
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings
 from mcpguard.stores import open_store
 from mcpguard.stores.base import KeyRecord, KeyStore, Store
 from mcpguard.tokens import JWTVerifier, TokenVerifier
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
+from mcpguard.tool_listing import Exchange, ListingError, asgi_exchange, tool_lister
 
 __all__ = [
     "ADMIN",
@@ -32,6 +36,7 @@ __all__ = [
     "AuthenticationRequired",
     "ConfigError",
     "CredentialKind",
+    "Exchange",
     "GuardConfig",
     "HeaderMismatch",
     "InsufficientScope",
@@ -41,6 +46,7 @@ __all__ = [
     "KeyRecord",
     "KeyRing",
     "KeyStore",
+    "ListingError",
     "MCPGuard",
     "MCPGuardError",
     "MemorySessionBindings",
@@ -48,6 +54,7 @@ __all__ = [
     "PayloadTooLarge",
     "Principal",
     "READ",
+    "RequestState",
     "ScopePolicy",
     "SessionBindings",
     "SessionNotFound",
@@ -57,9 +64,14 @@ __all__ = [
     "TokenVerifier",
     "ToolCatalog",
     "ToolLister",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
     "WRITE",
+    "asgi_exchange",
     "build_guard",
     "current_principal",
     "open_store",
     "stack_names",
+    "state_of",
+    "tool_lister",
 ]

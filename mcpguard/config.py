@@ -29,7 +29,8 @@ class GuardConfig:
     """How the guard is reached and what it accepts.
 
     ``public_url`` is the origin clients use to reach the guard (it names the protected resource in
-    RFC 9728 metadata and challenges); ``tenant_path`` is the per-tenant form of the MCP endpoint.
+    RFC 9728 metadata and challenges, and by default is the only ``Host``/``Origin`` accepted);
+    ``tenant_path`` is the per-tenant form of the MCP endpoint.
     """
 
     public_url: str = "http://127.0.0.1:8000"
@@ -41,6 +42,8 @@ class GuardConfig:
     tool_scopes: Mapping[str, str] = field(default_factory=dict)
     authorization_servers: tuple[str, ...] = ()
     resource_name: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -7,12 +7,16 @@
     ├── InvalidToken               401 invalid_token
     ├── InsufficientScope          403 insufficient_scope (names every scope the call needs)
     ├── TenantMismatch             403 tenant_mismatch
+    ├── OriginNotAllowed           403 origin_not_allowed (DNS rebinding / cross-site browser calls)
+    ├── MisdirectedRequest         421 misdirected_request (a Host this guard does not serve)
     ├── InvalidRequest             400 invalid_request (malformed or ambiguous JSON-RPC)
     │   └── HeaderMismatch         400, Mcp-Method / Mcp-Name disagree with the body
     ├── SessionNotFound            404 session_not_found (unknown, or opened by another principal)
     ├── PayloadTooLarge            413 request_too_large
     ├── MethodNotAllowed           405 method_not_allowed
-    └── StorageUnavailable         503 temporarily_unavailable (fail closed)
+    ├── StorageUnavailable         503 temporarily_unavailable (fail closed)
+    ├── UpstreamUnavailable        502 bad_gateway (the server behind the guard could not be reached)
+    └── UpstreamTimeout            504 gateway_timeout (the server behind the guard did not answer in time)
 
 A subclass carries its wire code (RFC 6749 / RFC 6750 where one exists), its HTTP status, the JSON-RPC
 error code used when the refused request was JSON-RPC, and builds its own ``WWW-Authenticate``.
@@ -31,10 +35,14 @@ __all__ = [
     "InvalidToken",
     "MCPGuardError",
     "MethodNotAllowed",
+    "MisdirectedRequest",
+    "OriginNotAllowed",
     "PayloadTooLarge",
     "SessionNotFound",
     "StorageUnavailable",
     "TenantMismatch",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
 ]
 
 # JSON-RPC 2.0 codes, and the MCP code for a routing header that disagrees with the body.
@@ -126,6 +134,22 @@ class TenantMismatch(MCPGuardError):
     jsonrpc_code = FORBIDDEN
 
 
+class OriginNotAllowed(MCPGuardError):
+    """A browser sent the request from an origin that is not allowed to call this server."""
+
+    error_code = "origin_not_allowed"
+    status = 403
+    jsonrpc_code = FORBIDDEN
+
+
+class MisdirectedRequest(MCPGuardError):
+    """The ``Host`` is not one this guard serves (as after a DNS-rebinding attack)."""
+
+    error_code = "misdirected_request"
+    status = 421
+    jsonrpc_code = INVALID_REQUEST
+
+
 class InvalidRequest(MCPGuardError):
     """The request cannot be decided on safely: malformed, ambiguous, or not JSON-RPC as MCP sends it."""
 
@@ -175,3 +199,19 @@ class StorageUnavailable(MCPGuardError):
     error_code = "temporarily_unavailable"
     status = 503
     jsonrpc_code = UNAVAILABLE
+
+
+class UpstreamUnavailable(MCPGuardError):
+    """The server behind the guard refused, reset or broke the connection, or answered unusably."""
+
+    error_code = "bad_gateway"
+    status = 502
+    jsonrpc_code = -32603
+
+
+class UpstreamTimeout(MCPGuardError):
+    """The server behind the guard did not answer within the configured time."""
+
+    error_code = "gateway_timeout"
+    status = 504
+    jsonrpc_code = -32603

@@ -7,12 +7,12 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcpguard.asgi_lister import asgi_tool_lister
 from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
 from mcpguard.authorization import ScopeLayer
 from mcpguard.config import GuardConfig
 from mcpguard.errors import MCPGuardError
 from mcpguard.metadata import PublicRoutes, resource_metadata_url
+from mcpguard.origins import OriginLayer
 from mcpguard.parsing import ParseLayer
 from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
 from mcpguard.responses import send_error
@@ -21,6 +21,8 @@ from mcpguard.scopes import ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings, SessionLayer
 from mcpguard.tenancy import IDENTITY_HEADER_PREFIX, TenantLayer
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
+from mcpguard.tool_listing import asgi_exchange
+from mcpguard.tool_listing import tool_lister as make_tool_lister
 
 __all__ = ["MCPGuard", "build_guard", "stack_names"]
 
@@ -100,16 +102,19 @@ def build_guard(
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
-    entry → audit → errors → public → parse → authenticate → tenant → sessions → rate limit → scopes → app.
+    entry → audit → errors → public → origin → parse → authenticate → tenant → sessions → rate limit →
+    scopes → app.
 
-    Audit sits outside the error layer so it sees every outcome (401/403/429 included); parsing comes
+    Audit sits outside the error layer so it sees every outcome (401/403/429 included); Host and Origin
+    are checked before anything else is read (DNS rebinding), after the public metadata; parsing comes
     before authentication so nothing is decided on a body the server would read differently; the
     rate limit counts every authenticated call, refused by scope or not. A session is checked against
     its owner before anything is counted or forwarded under it.
     """
     policy = ScopePolicy(tool_overrides=dict(config.tool_scopes))
     if catalog is None:
-        catalog = ToolCatalog(tool_lister if tool_lister is not None else asgi_tool_lister(app, config.mcp_path))
+        lister = tool_lister if tool_lister is not None else make_tool_lister(asgi_exchange(app, config.mcp_path))
+        catalog = ToolCatalog(lister)
     inner: ASGIApp = ScopeLayer(app, policy=policy, catalog=catalog)
     if rate_limit is not None:
         inner = rate_limit(inner)
@@ -117,6 +122,7 @@ def build_guard(
     inner = TenantLayer(inner)
     inner = AuthenticationLayer(inner, keys=keys, tokens=tokens, api_key_header=config.api_key_header)
     inner = ParseLayer(inner, config)
+    inner = OriginLayer(inner, config)
     inner = PublicRoutes(inner, config)
     inner = ErrorLayer(inner, config)
     if audit is not None:

@@ -203,6 +203,7 @@ def test_stack_order_is_decided_in_one_place() -> None:
         "audit",
         "errors",
         "public",
+        "origin",
         "parse",
         "authenticate",
         "tenant",
@@ -453,7 +454,9 @@ def test_store_outage_fails_closed() -> None:
     ring = KeyRing(store=BrokenStore(), hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST))
     # A well-formed key (valid checksum), so the store is actually consulted.
     _, key = generate_key()
-    with serve(MCPGuard(app, GuardConfig(), keys=ring, tool_lister=list_tools)) as url:
+    port = free_port()
+    config = GuardConfig(public_url=f"http://127.0.0.1:{port}")
+    with serve(MCPGuard(app, config, keys=ring, tool_lister=list_tools), port) as url:
         response = httpx.post(url + "/mcp", json=rpc("ping"), headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 503
     assert app.seen == []
@@ -469,6 +472,38 @@ def test_expired_key_rejected() -> None:
     key, _ = asyncio.run(ring.create(tenant="acme", expires_at=clock[0] + timedelta(days=1)))
     clock[0] += timedelta(days=2)
     ring = KeyRing(store=store, hasher=hasher, now=lambda: clock[0])
-    with serve(MCPGuard(RecordingApp(), GuardConfig(), keys=ring, tool_lister=list_tools)) as url:
+    port = free_port()
+    config = GuardConfig(public_url=f"http://127.0.0.1:{port}")
+    with serve(MCPGuard(RecordingApp(), config, keys=ring, tool_lister=list_tools), port) as url:
         response = httpx.post(url + "/mcp", json=rpc("ping"), headers={"Authorization": f"Bearer {key}"})
     assert response.status_code == 401
+
+
+@pytest.mark.threat("T-DNS-REBIND")
+@pytest.mark.parametrize("host", ["evil.example", "127.0.0.1:1", "attacker.example:80"])
+def test_foreign_host_refused(guarded: Guarded, host: str) -> None:
+    """A Host this guard does not serve (DNS rebinding) is 421 before any credential is checked."""
+    before = len(guarded.app.seen)
+    response = post(guarded, guarded.keys["admin"], rpc("ping"), headers={"Host": host})
+    assert response.status_code == 421
+    assert forwarded_after(guarded, before) == []
+
+
+@pytest.mark.threat("T-DNS-REBIND")
+def test_foreign_origin_refused(guarded: Guarded) -> None:
+    """A browser request from another origin is 403 even with a valid key; the guard's own origin passes."""
+    before = len(guarded.app.seen)
+    evil = post(guarded, guarded.keys["admin"], rpc("ping"), headers={"Origin": "https://evil.example"})
+    assert evil.status_code == 403
+    assert evil.json()["error"]["data"]["error"] == "origin_not_allowed"
+    assert forwarded_after(guarded, before) == []
+    port = guarded.url.rsplit(":", 1)[1]
+    for origin in (guarded.url, f"http://localhost:{port}"):
+        assert post(guarded, guarded.keys["read"], rpc("ping"), headers={"Origin": origin}).status_code == 200
+
+
+def test_loopback_names_are_one_host(guarded: Guarded) -> None:
+    """On a loopback public URL, localhost and 127.0.0.1 at the same port are both served."""
+    port = guarded.url.rsplit(":", 1)[1]
+    response = post(guarded, guarded.keys["read"], rpc("ping"), headers={"Host": f"localhost:{port}"})
+    assert response.status_code == 200

@@ -1,9 +1,13 @@
-"""Ask a wrapped MCP app for its tools in process: the request never leaves the process or the guard."""
+"""Ask an MCP server for its complete tool list, over any transport that can make one HTTP exchange.
+
+In process (``asgi_exchange``) the request never leaves the process; the sidecar supplies an exchange
+over its upstream connection pool. Either way the answer comes from the server, never from a client.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -12,7 +16,10 @@ from starlette.types import ASGIApp, Message
 from mcpguard.sse import EventSplitter, event_data
 from mcpguard.tool_catalog import ToolLister
 
-__all__ = ["asgi_tool_lister"]
+Exchange = Callable[[str, dict[str, str], bytes], Awaitable[tuple[int, dict[str, str], bytes]]]
+"""One HTTP exchange with the MCP endpoint: (method, headers, body) → (status, lower-cased headers, body)."""
+
+__all__ = ["Exchange", "ListingError", "asgi_exchange", "tool_lister"]
 
 MODERN_VERSION = "2026-07-28"
 LEGACY_VERSION = "2025-11-25"
@@ -25,11 +32,19 @@ class ListingError(Exception):
     """The app did not answer ``tools/list`` in a way we can use."""
 
 
-async def _exchange(
-    app: ASGIApp, path: str, host: str, method: str, headers: dict[str, str], body: bytes
+def asgi_exchange(app: ASGIApp, path: str) -> Exchange:
+    """Exchanges with ``app`` at ``path`` in process (as 127.0.0.1 unless a ``host`` header is given)."""
+
+    async def exchange(method: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return await _asgi_call(app, path, method, {"host": "127.0.0.1"} | headers, body)
+
+    return exchange
+
+
+async def _asgi_call(
+    app: ASGIApp, path: str, method: str, headers: dict[str, str], body: bytes
 ) -> tuple[int, dict[str, str], bytes]:
-    raw_headers = [(b"host", host.encode("latin-1"))]
-    raw_headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     scope: dict[str, Any] = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -104,46 +119,21 @@ def _result(responses: list[Any], request_id: int) -> Mapping[str, Any]:
     raise ListingError("no answer to tools/list")
 
 
-def asgi_tool_lister(app: ASGIApp, path: str) -> ToolLister:
-    """A lister that asks ``app`` at ``path``: stateless 2026-07-28 first, else a short legacy session."""
+def tool_lister(exchange: Exchange) -> ToolLister:
+    """A lister over ``exchange``: stateless 2026-07-28 first, else a short 2025-11-25 session."""
 
-    async def rpc(host: str | None, method: str, params: dict[str, Any], headers: dict[str, str], rid: int) -> Any:
+    async def rpc(method: str, params: dict[str, Any], headers: dict[str, str], rid: int) -> Any:
         payload = {"jsonrpc": "2.0", "id": rid, "method": method, "params": params}
         base = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-        status, resp_headers, body = await _exchange(
-            app, path, host or "127.0.0.1", "POST", base | headers, json.dumps(payload).encode()
-        )
+        status, resp_headers, body = await exchange("POST", base | headers, json.dumps(payload).encode())
         if status != 200:
             raise ListingError(f"{method} answered HTTP {status}")
-        return resp_headers, _result(_responses(resp_headers.get("content-type", ""), body), rid)
-
-    async def modern(host: str | None) -> list[Mapping[str, Any]]:
-        meta = {
-            "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
-            "io.modelcontextprotocol/clientInfo": _CLIENT_INFO,
-            "io.modelcontextprotocol/clientCapabilities": {},
-        }
-        headers = {"mcp-protocol-version": MODERN_VERSION, "mcp-method": "tools/list"}
-        return await paginate(host, headers, meta)
-
-    async def legacy(host: str | None) -> list[Mapping[str, Any]]:
-        init = {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": _CLIENT_INFO}
-        resp_headers, _ = await rpc(host, "initialize", init, {}, 0)
-        session = resp_headers.get("mcp-session-id")
-        headers = {"mcp-protocol-version": LEGACY_VERSION}
-        if session:
-            headers["mcp-session-id"] = session
-        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
-        await _exchange(app, path, host or "127.0.0.1", "POST", headers | {"content-type": "application/json"}, note)
         try:
-            return await paginate(host, headers, None)
-        finally:
-            if session:
-                await _exchange(app, path, host or "127.0.0.1", "DELETE", headers, b"")
+            return resp_headers, _result(_responses(resp_headers.get("content-type", ""), body), rid)
+        except ValueError:
+            raise ListingError(f"{method} answer is not JSON") from None
 
-    async def paginate(
-        host: str | None, headers: dict[str, str], meta: dict[str, Any] | None
-    ) -> list[Mapping[str, Any]]:
+    async def paginate(headers: dict[str, str], meta: dict[str, Any] | None) -> list[Mapping[str, Any]]:
         tools: list[Mapping[str, Any]] = []
         cursor: str | None = None
         for page in range(1, _MAX_PAGES + 1):
@@ -152,7 +142,7 @@ def asgi_tool_lister(app: ASGIApp, path: str) -> ToolLister:
                 params["_meta"] = meta
             if cursor is not None:
                 params["cursor"] = cursor
-            _, result = await rpc(host, "tools/list", params, headers, page)
+            _, result = await rpc("tools/list", params, headers, page)
             listed = result.get("tools")
             if not isinstance(listed, list):
                 raise ListingError("tools/list result has no tools array")
@@ -163,10 +153,35 @@ def asgi_tool_lister(app: ASGIApp, path: str) -> ToolLister:
             cursor = next_cursor
         raise ListingError("tools/list pagination did not end")
 
-    async def lister(host: str | None) -> list[Mapping[str, Any]]:
+    async def modern(extra: dict[str, str]) -> list[Mapping[str, Any]]:
+        meta = {
+            "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+            "io.modelcontextprotocol/clientInfo": _CLIENT_INFO,
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+        return await paginate({"mcp-protocol-version": MODERN_VERSION, "mcp-method": "tools/list"} | extra, meta)
+
+    async def legacy(extra: dict[str, str]) -> list[Mapping[str, Any]]:
+        init = {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": _CLIENT_INFO}
+        resp_headers, _ = await rpc("initialize", init, extra, 0)
+        headers = {"mcp-protocol-version": LEGACY_VERSION} | extra
+        session = resp_headers.get("mcp-session-id")
+        if session:
+            headers["mcp-session-id"] = session
+        note = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+        await exchange("POST", headers | {"content-type": "application/json"}, note)
         try:
-            return await modern(host)
+            return await paginate(headers, None)
+        finally:
+            if session:
+                await exchange("DELETE", headers, b"")
+
+    # `host` is what the triggering request presented: an in-process app may check it (DNS rebinding).
+    async def lister(host: str | None) -> list[Mapping[str, Any]]:
+        extra = {"host": host} if host else {}
+        try:
+            return await modern(extra)
         except ListingError:
-            return await legacy(host)
+            return await legacy(extra)
 
     return lister
