@@ -22,6 +22,7 @@ from mcpguard.guard import MCPGuard, build_guard, stack_names
 from mcpguard.keyring import KeyRing
 from mcpguard.principal import CredentialKind, Principal, current_principal
 from mcpguard.request_state import RequestState, state_of
+from mcpguard.responses import send_json
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings
 from mcpguard.stores import open_store
@@ -71,6 +72,7 @@ __all__ = [
     "build_guard",
     "current_principal",
     "open_store",
+    "send_json",
     "stack_names",
     "state_of",
     "tool_lister",

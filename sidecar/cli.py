@@ -16,9 +16,11 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-import argon2
+import uvloop
 
 from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
+from sidecar.hashing import hasher_from_env
+from sidecar.serve import add_sidecar_command
 
 __all__ = ["main"]
 
@@ -55,19 +57,10 @@ def _state_url(args: argparse.Namespace) -> str:
     return state if "://" in state else f"sqlite:///{state}"
 
 
-def _hasher() -> argon2.PasswordHasher:
-    profile = os.environ.get("MCPGUARD_ARGON2_PROFILE", "")
-    if not profile:
-        return argon2.PasswordHasher()
-    if profile == "cheapest":
-        return argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-    raise ValueError("MCPGUARD_ARGON2_PROFILE accepts only 'cheapest' (for tests)")
-
-
 @asynccontextmanager
 async def _keyring(args: argparse.Namespace) -> AsyncIterator[KeyRing]:
     store = open_store(_state_url(args))
-    ring = KeyRing(store=store, hasher=_hasher())
+    ring = KeyRing(store=store, hasher=hasher_from_env(os.environ))
     try:
         yield ring
     finally:
@@ -184,7 +177,7 @@ def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
     revoke.set_defaults(run=_keys_revoke)
 
 
-_COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (_add_keys,)
+_COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (_add_keys, add_sidecar_command)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
     args = _parser().parse_args(argv)
     try:
-        status: int = asyncio.run(args.run(args))
+        # uvloop for every command: the sidecar serves on it, and the others do not mind.
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            status: int = runner.run(args.run(args))
     except (MCPGuardError, ValueError) as error:
         print(f"mcpguard: error: {_explain(error)}", file=sys.stderr)
         return 1

@@ -1,0 +1,235 @@
+"""Forwarding to the upstream MCP server: one pooled aiohttp session, bodies streamed both ways.
+
+The guard has already decided by the time a request gets here; this module only moves bytes. The
+client's credentials, cookies and hop-by-hop headers never reach the upstream; the upstream's own
+credentials are injected; responses (SSE included) are relayed chunk by chunk, never buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import aiohttp
+import anyio
+from starlette.types import Message, Receive, Scope, Send
+
+from mcpguard import UpstreamTimeout, UpstreamUnavailable, state_of
+
+__all__ = ["ProxySettings", "UpstreamProxy"]
+
+logger = logging.getLogger("mcpguard.sidecar.proxy")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus what we rewrite or must not pass on.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_NEVER_UPSTREAM = _HOP_BY_HOP | {
+    b"host",
+    b"content-length",
+    b"authorization",
+    b"cookie",
+    # We filter answers (tools/list) as plain JSON, so the upstream must not compress them.
+    b"accept-encoding",
+    b"forwarded",
+    b"x-forwarded-for",
+    b"x-forwarded-host",
+    b"x-forwarded-proto",
+}
+_NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProxySettings:
+    """Where and how to forward."""
+
+    upstream: str
+    mcp_path: str = "/mcp"
+    inject_headers: Mapping[str, str] = field(default_factory=dict)
+    drop_headers: frozenset[str] = frozenset()
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    max_response_bytes: int = 256 * 1024 * 1024
+    pool_size: int = 256
+
+
+class UpstreamProxy:
+    """The app behind the guard in the sidecar: forwards each request to the upstream."""
+
+    def __init__(self, settings: ProxySettings) -> None:
+        parts = urlsplit(settings.upstream)
+        self._origin = f"{parts.scheme}://{parts.netloc}"
+        self._upstream_mcp_path = parts.path or "/"
+        self.settings = settings
+        self._inject = [(k.lower().encode(), v.encode("latin-1")) for k, v in settings.inject_headers.items()]
+        self._drop = _NEVER_UPSTREAM | {h.lower().encode() for h in settings.drop_headers}
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        """The pooled client session (opened at startup)."""
+        if self._session is None:
+            raise RuntimeError("the proxy is not started")
+        return self._session
+
+    async def start(self) -> None:
+        """Open the connection pool."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=self.settings.pool_size, ttl_dns_cache=300)
+            timeout = aiohttp.ClientTimeout(
+                total=None, connect=self.settings.connect_timeout, sock_read=self.settings.read_timeout
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
+
+    async def close(self) -> None:
+        """Close the pool."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def upstream_url(self, scope: Scope) -> str:
+        """The upstream URL for this request: the guard's MCP endpoints all map to the upstream's."""
+        path = self._upstream_mcp_path if state_of(scope).is_mcp else scope["path"]
+        query = scope.get("query_string", b"")
+        return self._origin + path + (f"?{query.decode('latin-1')}" if query else "")
+
+    def _headers(self, scope: Scope) -> list[tuple[str, str]]:
+        headers = [
+            (name.decode("latin-1"), value.decode("latin-1"))
+            for name, value in scope["headers"]
+            if name not in self._drop
+        ]
+        client = scope.get("client")
+        if client:
+            headers.append(("x-forwarded-for", str(client[0])))
+        headers.append(("x-forwarded-proto", scope.get("scheme", "http")))
+        headers.extend((k.decode(), v.decode("latin-1")) for k, v in self._inject)
+        return headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        body = await _request_body(scope, receive)
+        try:
+            response = await self.session.request(
+                scope["method"],
+                self.upstream_url(scope),
+                headers=self._headers(scope),
+                data=body,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            )
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream MCP server did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            logger.warning("upstream unavailable: %s", type(exc).__name__)
+            raise UpstreamUnavailable("the upstream MCP server could not be reached") from None
+        try:
+            await self._relay(response, receive, send)
+        finally:
+            response.release()
+
+    async def _relay(self, response: aiohttp.ClientResponse, receive: Receive, send: Send) -> None:
+        limit = self.settings.max_response_bytes
+        if response.content_length is not None and response.content_length > limit:
+            raise UpstreamUnavailable("the upstream answer is larger than the response cap")
+        headers = [
+            (name.lower(), value)
+            for name, value in response.raw_headers
+            if name.lower() not in _NEVER_DOWNSTREAM
+        ]
+        if response.content_length is not None:
+            headers.append((b"content-length", str(response.content_length).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        size = 0
+        async with anyio.create_task_group() as tasks:
+            # A client that goes away must not leave an upstream stream (SSE) open behind it.
+            tasks.start_soon(_cancel_on_disconnect, receive, tasks.cancel_scope)
+            try:
+                async for chunk in response.content.iter_any():
+                    size += len(chunk)
+                    if size > limit:
+                        raise UpstreamUnavailable("the upstream answer passed the response cap")
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
+                # Headers are gone already: all we can do is end the stream early.
+                logger.warning("upstream stream broke off after %d bytes", size)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            tasks.cancel_scope.cancel()
+
+    async def exchange(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+        """One exchange with the upstream MCP endpoint, with the upstream's credentials (an ``Exchange``)."""
+        sent = {k: v for k, v in headers.items() if k.lower() != "host"} | dict(self.settings.inject_headers)
+        try:
+            async with self.session.request(
+                method, self._origin + self._upstream_mcp_path, headers=sent, data=body or None
+            ) as response:
+                data = await response.read()
+                return response.status, {k.lower(): v for k, v in response.headers.items()}, data
+        except TimeoutError:
+            raise UpstreamTimeout("the upstream MCP server did not answer in time") from None
+        except aiohttp.ClientError:
+            raise UpstreamUnavailable("the upstream MCP server could not be reached") from None
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+async def _request_body(scope: Scope, receive: Receive) -> bytes | AsyncIterator[bytes] | None:
+    """The whole body when it came in one piece (always, for guarded MCP POSTs), else a stream."""
+    if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS") and not _declares_body(scope):
+        return None
+    first: Message = await receive()
+    if first["type"] == "http.disconnect":
+        return None
+    if not first.get("more_body", False):
+        body: bytes = first.get("body", b"")
+        return body
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield first.get("body", b"")
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            yield message.get("body", b"")
+            if not message.get("more_body", False):
+                return
+
+    return stream()
+
+
+def _declares_body(scope: Scope) -> bool:
+    return any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"])

@@ -1,0 +1,89 @@
+"""``mcpguard sidecar``: load settings, assemble the sidecar, serve it with uvicorn until told to stop."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping
+from typing import TypeAlias
+
+import uvicorn
+
+from mcpguard import KeyRing, open_store
+from sidecar.app import SidecarApp, build_sidecar
+from sidecar.hashing import hasher_from_env
+from sidecar.proxy import ProxySettings
+from sidecar.settings import SidecarSettings, load_settings
+
+__all__ = ["add_sidecar_command", "sidecar_from_settings"]
+
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> SidecarApp:
+    """The sidecar app described by ``settings`` (credentials for the upstream resolved from ``env``)."""
+    store = open_store(settings.state_url)
+    drop = frozenset({settings.api_key_header}) if settings.api_key_header else frozenset()
+    proxy = ProxySettings(
+        upstream=settings.upstream or "",
+        inject_headers=dict(settings.upstream_headers) | settings.upstream_credentials(env),
+        drop_headers=drop,
+        connect_timeout=settings.connect_timeout,
+        read_timeout=settings.upstream_timeout,
+        max_response_bytes=settings.max_response_bytes,
+    )
+    return build_sidecar(
+        config=settings.guard_config(),
+        proxy=proxy,
+        store=store,
+        keys=KeyRing(store=store, hasher=hasher_from_env(env)),
+        annotations_ttl=settings.annotations_ttl,
+    )
+
+
+async def _run(args: argparse.Namespace) -> int:
+    overrides = {
+        "upstream": args.upstream,
+        "upstream_cmd": args.upstream_cmd,
+        "listen": args.listen,
+        "public_url": args.public_url,
+        "state": getattr(args, "state", None),
+    }
+    settings = load_settings(config_file=args.config, env=os.environ, overrides=overrides)
+    if settings.upstream_cmd is not None:
+        print("mcpguard: error: stdio upstreams (--upstream-cmd) are not available in this version", file=sys.stderr)
+        return 2
+    app = sidecar_from_settings(settings, os.environ)
+    config = uvicorn.Config(
+        app,
+        host=settings.listen_host,
+        port=settings.listen_port,
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=int(settings.drain_seconds) or None,
+    )
+    server = uvicorn.Server(config)
+    print(f"mcpguard sidecar: {settings.public_origin}{settings.mcp_path} -> {settings.upstream}", file=sys.stderr)
+    await server.serve()
+    return 0
+
+
+def add_sidecar_command(commands: _Commands, common: argparse.ArgumentParser) -> None:
+    """Register ``mcpguard sidecar``."""
+    sidecar = commands.add_parser(
+        "sidecar",
+        parents=[common],
+        help="run the guard as a reverse proxy in front of an MCP server",
+        description="Settings come from flags, then MCPGUARD_* variables, then --config TOML, then defaults.",
+    )
+    sidecar.add_argument("--upstream", metavar="URL", help="the upstream MCP endpoint, e.g. http://127.0.0.1:9000/mcp")
+    sidecar.add_argument("--upstream-cmd", metavar="COMMAND", help="a stdio MCP server command (one per session)")
+    sidecar.add_argument("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)")
+    sidecar.add_argument("--public-url", metavar="URL", help="the origin clients use (default from --listen)")
+    sidecar.add_argument("--config", metavar="FILE", help="a TOML file of settings")
+    sidecar.set_defaults(run=_run)

@@ -1,0 +1,303 @@
+"""The sidecar in front of an unchanged MCP server: real sockets, the real ``mcp`` client, both eras."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import argon2
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from starlette.types import Receive, Scope, Send
+
+from mcpguard import GuardConfig, KeyRing, open_store
+from sidecar.app import build_sidecar
+from sidecar.demo_server import http_app
+from sidecar.proxy import ProxySettings
+from tests.conftest import free_port, serve
+
+MODES = ["legacy", "auto"]
+UPSTREAM_SECRET = "upstream-credential-not-for-clients"
+
+
+@dataclass
+class Capture:
+    """An ASGI shim in front of the demo server that records the headers the upstream receives."""
+
+    app: Any
+    headers: list[dict[str, list[str]]] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            seen: dict[str, list[str]] = {}
+            for name, value in scope["headers"]:
+                seen.setdefault(name.decode().lower(), []).append(value.decode("latin-1"))
+            self.headers.append(seen)
+        await self.app(scope, receive, send)
+
+
+@dataclass
+class Stack:
+    url: str
+    upstream: str
+    capture: Capture
+    keys: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    capture = Capture(http_app())
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+    async def make() -> dict[str, str]:
+        ring = KeyRing(store=store, hasher=hasher)
+        keys = {}
+        for label, tenant, scopes in [
+            ("read", "acme", ["mcp:read"]),
+            ("write", "acme", ["mcp:write"]),
+            ("admin", "acme", ["mcp:admin"]),
+            ("globex", "globex", ["mcp:admin"]),
+        ]:
+            keys[label], _ = await ring.create(tenant=tenant, scopes=scopes, name=label)
+        return keys
+
+    keys = asyncio.run(make())
+    with serve(capture) as upstream:
+        port = free_port()
+        app = build_sidecar(
+            config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
+            proxy=ProxySettings(
+                upstream=f"{upstream}/mcp",
+                inject_headers={"Authorization": f"Bearer {UPSTREAM_SECRET}"},
+                read_timeout=5,
+            ),
+            store=store,
+            keys=KeyRing(store=store, hasher=hasher),
+        )
+        with serve(app, port) as url:
+            yield Stack(url, upstream, capture, keys)
+
+
+async def _with_client(stack: Stack, key: str, mode: str, action: Any, path: str = "/mcp") -> Any:
+    http = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"})
+    async with http, Client(streamable_http_client(stack.url + path, http_client=http), mode=mode) as client:
+        return await action(client)
+
+
+def run(stack: Stack, key: str, mode: str, action: Any, path: str = "/mcp") -> Any:
+    return asyncio.run(_with_client(stack, key, mode, action, path))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_tools_resources_prompts_through_the_sidecar(stack: Stack, mode: str) -> None:
+    """Through the sidecar a write key lists the tools it may call, calls one, reads a resource and a prompt."""
+
+    async def action(client: Client) -> tuple[list[str], Any, Any, Any]:
+        names = sorted(t.name for t in (await client.list_tools()).tools)
+        added = await client.call_tool("add_item", {"tenant_id": "acme", "text": "hello"})
+        resource = await client.read_resource("demo://readme")
+        prompts = await client.list_prompts()
+        return names, added, resource, prompts
+
+    names, added, resource, prompts = run(stack, stack.keys["write"], mode, action)
+    assert "delete_items" not in names
+    assert {"add_item", "list_items", "echo"} <= set(names)
+    assert added.is_error is False
+    assert resource.contents
+    assert prompts.prompts
+
+
+@pytest.mark.threat("T-SCOPE-ESCALATE")
+@pytest.mark.parametrize("mode", MODES)
+def test_destructive_tool_refused_for_write_key_through_sidecar(stack: Stack, mode: str) -> None:
+    """The upstream's own annotations decide: its destructive tool needs admin through the sidecar."""
+
+    async def action(client: Client) -> str:
+        with pytest.raises(MCPError) as caught:
+            await client.call_tool("delete_items", {"tenant_id": "acme"})
+        return str(caught.value)
+
+    assert "mcp:admin" in run(stack, stack.keys["write"], mode, action)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_progress_arrives_incrementally(stack: Stack, mode: str) -> None:
+    """Progress notifications from a slow tool reach the client while the tool still runs."""
+    arrivals: list[float] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        arrivals.append(time.monotonic())
+
+    async def action(client: Client) -> Any:
+        return await client.call_tool("slow_count", {"n": 4}, progress_callback=on_progress)
+
+    start = time.monotonic()
+    result = run(stack, stack.keys["read"], mode, action)
+    done = time.monotonic()
+    assert result.is_error is False
+    if mode == "legacy":
+        assert len(arrivals) == 4
+        # The first notification is seen well before the call completes: nothing held it back.
+        assert arrivals[0] - start < (done - start) * 0.75
+
+
+@pytest.mark.threat("T-TOKEN-PASSTHROUGH")
+def test_client_credentials_never_reach_the_upstream(stack: Stack) -> None:
+    """The upstream sees its own injected credential, never the client's key or cookies."""
+    before = len(stack.capture.headers)
+    key = stack.keys["read"]
+    response = httpx.post(
+        stack.url + "/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
+        headers={
+            "Authorization": f"Bearer {key}",
+            "Cookie": "session=client-cookie",
+            "Proxy-Authorization": "Basic Y2xpZW50",
+            "X-MCPGuard-Tenant": "globex",
+            **_modern("tools/list"),
+        },
+    )
+    assert response.status_code == 200
+    seen = [h for h in stack.capture.headers[before:] if "x-mcpguard-tenant" in h]
+    assert seen
+    for headers in seen:
+        assert headers["authorization"] == [f"Bearer {UPSTREAM_SECRET}"]
+        flat = json.dumps(headers)
+        assert key not in flat
+        assert "client-cookie" not in flat
+        assert "proxy-authorization" not in headers
+        assert headers["x-mcpguard-tenant"] == ["acme"]
+        assert headers["host"] == [stack.upstream.removeprefix("http://")]
+
+
+def _meta() -> dict[str, Any]:
+    return {
+        "_meta": {
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+    }
+
+
+def _modern(method: str, name: str | None = None) -> dict[str, str]:
+    headers = {
+        "Accept": "application/json, text/event-stream",
+        "MCP-Protocol-Version": "2026-07-28",
+        "Mcp-Method": method,
+    }
+    if name is not None:
+        headers["Mcp-Name"] = name
+    return headers
+
+
+@pytest.mark.threat("T-SESSION-HIJACK")
+def test_session_hijack_through_sidecar_refused(stack: Stack) -> None:
+    """A legacy session opened by one key is 404 for another key and nothing reaches the upstream."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    common = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+    owner = {"Authorization": f"Bearer {stack.keys['admin']}"}
+    opened = httpx.post(stack.url + "/mcp", json=init, headers=common | owner)
+    session = opened.headers["mcp-session-id"]
+    before = len(stack.capture.headers)
+    stolen = httpx.post(
+        stack.url + "/mcp",
+        json={"jsonrpc": "2.0", "id": 2, "method": "tools/list"},
+        headers=common | {"Authorization": f"Bearer {stack.keys['globex']}", "Mcp-Session-Id": session},
+    )
+    assert stolen.status_code == 404
+    assert len(stack.capture.headers) == before
+
+
+def test_health_and_readiness(stack: Stack) -> None:
+    """/healthz answers without credentials; /readyz reports the store and upstream ready."""
+    assert httpx.get(stack.url + "/healthz").status_code == 200
+    ready = httpx.get(stack.url + "/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["problems"] == []
+
+
+@contextmanager
+def lone_sidecar(proxy: ProxySettings) -> Iterator[tuple[str, str]]:
+    """A sidecar with one admin key in front of ``proxy.upstream``; yields its URL and the key."""
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:admin"]))
+    port = free_port()
+    app = build_sidecar(
+        config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
+        proxy=proxy,
+        store=store,
+        keys=KeyRing(store=store, hasher=hasher),
+    )
+    with serve(app, port) as url:
+        yield url, key
+
+
+def ping(url: str, key: str, rid: int) -> httpx.Response:
+    return httpx.post(
+        url + "/mcp",
+        json={"jsonrpc": "2.0", "id": rid, "method": "ping"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+
+
+def test_upstream_down_is_a_clear_502() -> None:
+    """With nothing listening upstream, a call gets 502 with a JSON-RPC error body, promptly."""
+    proxy = ProxySettings(upstream=f"http://127.0.0.1:{free_port()}/mcp", connect_timeout=2)
+    with lone_sidecar(proxy) as (url, key):
+        response = ping(url, key, 3)
+        ready = httpx.get(url + "/readyz")
+    assert response.status_code == 502
+    assert response.json()["id"] == 3
+    assert response.json()["error"]["data"]["error"] == "bad_gateway"
+    assert ready.status_code == 503
+
+
+def test_hanging_upstream_times_out_with_504() -> None:
+    """An upstream that accepts but never answers gets a 504 JSON-RPC error after the read timeout."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    proxy = ProxySettings(upstream=f"http://127.0.0.1:{listener.getsockname()[1]}/mcp", read_timeout=1)
+    try:
+        with lone_sidecar(proxy) as (url, key):
+            response = ping(url, key, 4)
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        listener.close()
+    assert response.status_code == 504
+    assert response.json()["error"]["data"]["error"] == "gateway_timeout"
