@@ -20,6 +20,7 @@ import uvloop
 
 from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
 from sidecar.hashing import hasher_from_env
+from sidecar.quickstart import add_quickstart_command
 from sidecar.serve import add_sidecar_command
 
 __all__ = ["main"]
@@ -177,7 +178,11 @@ def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
     revoke.set_defaults(run=_keys_revoke)
 
 
-_COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (_add_keys, add_sidecar_command)
+_COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (
+    _add_keys,
+    add_sidecar_command,
+    add_quickstart_command,
+)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Mapping
 from typing import TypeAlias
@@ -16,7 +17,7 @@ from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
 from sidecar.settings import SidecarSettings, load_settings
 
-__all__ = ["add_sidecar_command", "sidecar_from_settings"]
+__all__ = ["add_sidecar_command", "serve_until_stopped", "sidecar_from_settings"]
 
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
@@ -40,6 +41,17 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),
         annotations_ttl=settings.annotations_ttl,
     )
+
+
+async def serve_until_stopped(server: uvicorn.Server) -> None:
+    """Serve until SIGTERM/SIGINT, drain, and return normally so callers can clean up and exit 0."""
+    # uvicorn re-raises the stop signal once drained, under the handlers it found: make those no-ops.
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        await server.serve()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -69,7 +81,7 @@ async def _run(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     print(f"mcpguard sidecar: {settings.public_origin}{settings.mcp_path} -> {settings.upstream}", file=sys.stderr)
-    await server.serve()
+    await serve_until_stopped(server)
     return 0
 
 
