@@ -23,7 +23,7 @@ INVALID_PARAMS = -32602
 # Methods whose target is mirrored in the `Mcp-Name` header, and the param that names it.
 NAME_PARAMS: Mapping[str, str] = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
-_ROUTING_HEADERS = (b"mcp-method", b"mcp-name", b"mcp-protocol-version")
+_ROUTING_HEADERS = frozenset({b"mcp-method", b"mcp-name", b"mcp-protocol-version"})
 
 RequestId = str | int
 
@@ -103,22 +103,21 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
     return rid
 
 
-def _single_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    found: str | None = None
+def _routing_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
+    found: dict[bytes, str] = {}
     for key, value in headers:
-        if key.lower() == name:
-            if found is not None:
+        name = key.lower()
+        if name in _ROUTING_HEADERS:
+            if name in found:
                 raise HeaderMismatch(f"{name.decode()} header sent more than once")
-            found = value.decode("latin-1")
+            found[name] = value.decode("latin-1")
     return found
 
 
 def _check_routing_headers(message: RpcMessage, headers: Iterable[tuple[bytes, bytes]]) -> None:
-    header_list = list(headers)
-    for name in _ROUTING_HEADERS:
-        _single_header(header_list, name)
-    method_header = _single_header(header_list, b"mcp-method")
-    name_header = _single_header(header_list, b"mcp-name")
+    routing = _routing_headers(headers)
+    method_header = routing.get(b"mcp-method")
+    name_header = routing.get(b"mcp-name")
     if method_header is not None and method_header != message.method:
         raise HeaderMismatch("Mcp-Method header does not match the body's method")
     if name_header is not None:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiohttp
-import anyio
 from starlette.types import Message, Receive, Scope, Send
 
 from mcpguard import UpstreamTimeout, UpstreamUnavailable, state_of
@@ -50,6 +49,8 @@ _NEVER_UPSTREAM = _HOP_BY_HOP | {
     b"x-forwarded-proto",
 }
 _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
+# Answers of known length up to this size are read whole and sent in one piece.
+_WHOLE_BODY_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -147,31 +148,27 @@ class UpstreamProxy:
 
     async def _relay(self, response: aiohttp.ClientResponse, receive: Receive, send: Send) -> None:
         limit = self.settings.max_response_bytes
-        if response.content_length is not None and response.content_length > limit:
+        length = response.content_length
+        if length is not None and length > limit:
             raise UpstreamUnavailable("the upstream answer is larger than the response cap")
         headers = [
-            (name.lower(), value)
-            for name, value in response.raw_headers
-            if name.lower() not in _NEVER_DOWNSTREAM
+            (name.lower(), value) for name, value in response.raw_headers if name.lower() not in _NEVER_DOWNSTREAM
         ]
-        if response.content_length is not None:
-            headers.append((b"content-length", str(response.content_length).encode()))
-        await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        size = 0
-        async with anyio.create_task_group() as tasks:
-            # A client that goes away must not leave an upstream stream (SSE) open behind it.
-            tasks.start_soon(_cancel_on_disconnect, receive, tasks.cancel_scope)
+        if length is not None:
+            headers.append((b"content-length", str(length).encode()))
+        if length is not None and length <= _WHOLE_BODY_BYTES:
+            # A small answer of known size: one read and one send, no stream to watch.
             try:
-                async for chunk in response.content.iter_any():
-                    size += len(chunk)
-                    if size > limit:
-                        raise UpstreamUnavailable("the upstream answer passed the response cap")
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError):
-                # Headers are gone already: all we can do is end the stream early.
-                logger.warning("upstream stream broke off after %d bytes", size)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            tasks.cancel_scope.cancel()
+                body = await response.read()
+            except TimeoutError:
+                raise UpstreamTimeout("the upstream MCP server did not finish its answer in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
+            await send({"type": "http.response.start", "status": response.status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await _stream(response, receive, send, limit)
 
     async def exchange(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         """One exchange with the upstream MCP endpoint, with the upstream's credentials (an ``Exchange``)."""
@@ -199,12 +196,38 @@ class UpstreamProxy:
                 return
 
 
-async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            scope.cancel()
-            return
+async def _stream(response: aiohttp.ClientResponse, receive: Receive, send: Send, limit: int) -> None:
+    """Relay a body of unknown or large size chunk by chunk; a client that leaves ends the upstream stream."""
+    relay = asyncio.current_task()
+    client_gone = False
+
+    async def watch() -> None:
+        nonlocal client_gone
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        client_gone = True
+        if relay is not None:
+            relay.cancel()
+
+    watcher = asyncio.create_task(watch())
+    size = 0
+    try:
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                # Aborting the connection (rather than ending the body) tells the client it is incomplete.
+                raise UpstreamUnavailable("the upstream answer passed the response cap")
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except asyncio.CancelledError:
+        if not client_gone:
+            raise
+        return
+    except (aiohttp.ClientError, TimeoutError):
+        logger.warning("upstream stream broke off after %d bytes", size)
+        raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
+    finally:
+        watcher.cancel()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def _request_body(scope: Scope, receive: Receive) -> bytes | AsyncIterator[bytes] | None:

@@ -1,7 +1,9 @@
-"""A store in one SQLite file (WAL), for a single host; every sqlite3 call runs on one dedicated thread.
+"""A store in one SQLite file (WAL), for a single host.
 
-The thread keeps the event loop from ever waiting on SQLite's file lock, and owning the only connection
-it needs no locking of its own. Any SQLite or file-system failure becomes ``StorageUnavailable``.
+Writes and scans run on one dedicated thread, so the event loop never waits on SQLite's write lock.
+The hot-path read (one key by id, on every request) runs where it is asked, on a read-only connection
+of that thread's own: in WAL mode a reader never waits for a writer, and a thread hop would cost more
+than the read. Any SQLite or file-system failure becomes ``StorageUnavailable``.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from mcpguard.errors import StorageUnavailable
 from mcpguard.stores.base import KeyRecord
@@ -115,7 +119,11 @@ class SQLiteStore:
 
     def __init__(self, path: str) -> None:
         self.url = _SCHEME + path
+        self._path = path
         self._closed = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-sqlite")
         try:
             # Opening blocks its caller, once at start-up, so that a bad path fails there and not later.
@@ -153,13 +161,34 @@ class SQLiteStore:
 
         await self._run(insert)
 
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                f"file:{quote(self._path)}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+            )
+            # A WAL reader waits only while the WAL index is being rebuilt: briefly, if ever.
+            conn.execute("PRAGMA busy_timeout = 200")
+            self._local.conn = conn
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         """The record for ``key_id`` (revoked or not), or ``None``."""
 
         def select(conn: sqlite3.Connection) -> list[Any]:
             return conn.execute(_SELECT_ONE, (key_id,)).fetchall()
 
-        rows = await self._run(select)
+        if self._path == _IN_MEMORY:
+            rows = await self._run(select)  # a private in-memory database has only the worker's connection
+        else:
+            if self._closed:
+                raise StorageUnavailable(_UNAVAILABLE)
+            try:
+                rows = select(self._reader())
+            except sqlite3.Error as exc:
+                raise StorageUnavailable(_UNAVAILABLE) from exc
         return _record(rows[0]) if rows else None
 
     async def list_keys(self, tenant: str) -> list[KeyRecord]:
@@ -185,6 +214,11 @@ class SQLiteStore:
         if self._closed:
             return
         self._closed = True
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            # Each reader is used only by its own thread; closing from here is safe once no call can reach it.
+            reader.close()
         try:
             await asyncio.get_running_loop().run_in_executor(self._executor, self._conn.close)
         finally:
