@@ -9,6 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InsufficientScope
+from mcpguard.pinning import strip_pinned_argument
 from mcpguard.principal import Principal
 from mcpguard.request_state import RequestState, state_of
 from mcpguard.scopes import READ, ScopePolicy
@@ -34,10 +35,13 @@ class ScopeLayer:
 
     name = "scopes"
 
-    def __init__(self, app: ASGIApp, *, policy: ScopePolicy, catalog: ToolCatalog) -> None:
+    def __init__(
+        self, app: ASGIApp, *, policy: ScopePolicy, catalog: ToolCatalog, pinned_argument: str | None = None
+    ) -> None:
         self.app = app
         self._policy = policy
         self._catalog = catalog
+        self._pinned = pinned_argument
 
     async def _required(self, scope: Scope, state: RequestState) -> str:
         if not state.is_mcp:
@@ -68,7 +72,7 @@ class ScopeLayer:
             raise InsufficientScope(f"this call needs the {required} scope", required=(required,))
         message = state.message
         if message is not None and message.method == "tools/list" and message.id is not None:
-            send = _ListingFilter(send, self._policy, principal, message.id).send
+            send = _ListingFilter(send, self._policy, principal, message.id, self._pinned).send
         elif state.is_mcp:
             send = self._watch_list_changed(send)
         await self.app(scope, receive, send)
@@ -87,8 +91,11 @@ class ScopeLayer:
 class _ListingFilter:
     """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
 
-    def __init__(self, send: Send, policy: ScopePolicy, principal: Principal, request_id: str | int) -> None:
+    def __init__(
+        self, send: Send, policy: ScopePolicy, principal: Principal, request_id: str | int, pinned: str | None
+    ) -> None:
         self._send = send
+        self._pinned = pinned
         self._policy = policy
         self._principal = principal
         self._id = request_id
@@ -113,6 +120,9 @@ class _ListingFilter:
             tools = result.get("tools")
             if isinstance(tools, list):
                 result["tools"] = [tool for tool in tools if self._allowed(tool)]
+                if self._pinned is not None:
+                    for tool in result["tools"]:
+                        strip_pinned_argument(tool, self._pinned)
         return payload
 
     def _rewrite_event(self, event: bytes) -> bytes:

@@ -42,6 +42,7 @@ class GuardConfig:
     tool_scopes: Mapping[str, str] = field(default_factory=dict)
     authorization_servers: tuple[str, ...] = ()
     resource_name: str | None = None
+    tenant_argument: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
 
@@ -73,6 +74,8 @@ class GuardConfig:
             problems.append(
                 f"api_key_header must be a plain header name other than Authorization, got {self.api_key_header!r}"
             )
+        if self.tenant_argument is not None and not self.tenant_argument:
+            problems.append("tenant_argument must be a non-empty property name")
         for tool, scope in self.tool_scopes.items():
             if scope not in _KNOWN_SCOPES:
                 problems.append(f"tool_scopes[{tool!r}] names unknown scope {scope!r}")

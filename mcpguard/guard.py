@@ -14,6 +14,7 @@ from mcpguard.errors import MCPGuardError
 from mcpguard.metadata import PublicRoutes, resource_metadata_url
 from mcpguard.origins import OriginLayer
 from mcpguard.parsing import ParseLayer
+from mcpguard.pinning import PinningLayer
 from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
 from mcpguard.responses import send_error
 from mcpguard.routing import Router
@@ -103,7 +104,7 @@ def build_guard(
     """Wrap ``app`` in the guard stack, outermost first:
 
     entry → audit → errors → public → origin → parse → authenticate → tenant → sessions → rate limit →
-    scopes → app.
+    scopes → pinning (when a tenant argument is configured) → app.
 
     Audit sits outside the error layer so it sees every outcome (401/403/429 included); Host and Origin
     are checked before anything else is read (DNS rebinding), after the public metadata; parsing comes
@@ -115,7 +116,10 @@ def build_guard(
     if catalog is None:
         lister = tool_lister if tool_lister is not None else make_tool_lister(asgi_exchange(app, config.mcp_path))
         catalog = ToolCatalog(lister)
-    inner: ASGIApp = ScopeLayer(app, policy=policy, catalog=catalog)
+    inner: ASGIApp = app
+    if config.tenant_argument is not None:
+        inner = PinningLayer(inner, argument=config.tenant_argument)
+    inner = ScopeLayer(inner, policy=policy, catalog=catalog, pinned_argument=config.tenant_argument)
     if rate_limit is not None:
         inner = rate_limit(inner)
     inner = SessionLayer(inner, bindings=sessions if sessions is not None else MemorySessionBindings())

@@ -7,7 +7,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.config import GuardConfig
 from mcpguard.errors import InvalidRequest, MethodNotAllowed, PayloadTooLarge
 from mcpguard.jsonrpc import parse_message
-from mcpguard.request_state import state_of
+from mcpguard.request_state import RequestState, state_of
 
 __all__ = ["ParseLayer"]
 
@@ -50,14 +50,15 @@ async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
             return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def _replay(state: RequestState, receive: Receive) -> Receive:
     done = False
 
     async def replay() -> Message:
         nonlocal done
         if not done:
             done = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            # Read when the app asks, so a later layer's rewrite (tenant pinning) is what it gets.
+            return {"type": "http.request", "body": state.body or b"", "more_body": False}
         return await receive()
 
     return replay
@@ -89,4 +90,5 @@ class ParseLayer:
         except _Disconnected:
             return
         state.message = parse_message(body, scope["headers"], max_depth=self._depth)
-        await self.app(scope, _replay(body, receive), send)
+        state.body = body
+        await self.app(scope, _replay(state, receive), send)

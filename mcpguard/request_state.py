@@ -22,6 +22,8 @@ class RequestState:
     path_tenant: str | None = None
     resource: str | None = None
     message: RpcMessage | None = None
+    # The MCP POST body the app will receive: the client's bytes unless a layer had to rewrite them.
+    body: bytes | None = None
     principal: Principal | None = None
     required_scope: str | None = None
     response_started: bool = False

@@ -53,7 +53,7 @@ def _instructions(url: str, key: str) -> str:
         "method": "tools/call",
         "params": {
             "name": "add_item",
-            "arguments": {"tenant_id": DEMO_TENANT, "text": "hello"},
+            "arguments": {"text": "hello"},
             "_meta": {
                 "io.modelcontextprotocol/protocolVersion": "2026-07-28",
                 "io.modelcontextprotocol/clientCapabilities": {},
@@ -85,7 +85,9 @@ Call a tool with curl:
     -H 'MCP-Protocol-Version: 2026-07-28' -H 'Mcp-Method: tools/call' -H 'Mcp-Name: add_item' \\
     -d '{json.dumps(body, separators=(",", ":"))}'
 
-The destructive tool delete_items needs mcp:admin, so this key is refused it (403).
+The demo tools take a tenant_id argument; the sidecar pins it to the key's tenant ({DEMO_TENANT}), so it
+is hidden from tools/list and a client cannot name another tenant. The destructive tool delete_items
+needs mcp:admin, so this key is refused it (403).
 
 Claude Desktop / any client through mcp-remote (claude_desktop_config.json):
 
@@ -112,6 +114,7 @@ async def _run(args: argparse.Namespace) -> int:
                 "upstream": f"http://127.0.0.1:{upstream_port}/mcp",
                 "listen": f"127.0.0.1:{args.port}",
                 "state": state,
+                "tenant_argument": "tenant_id",
             },
         )
         ring = KeyRing(store=open_store(settings.state_url), hasher=hasher_from_env(os.environ))

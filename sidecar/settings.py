@@ -201,6 +201,7 @@ class SidecarSettings:
                 tool_scopes=dict(self.tool_scopes),
                 allowed_hosts=self.allowed_hosts,
                 allowed_origins=self.allowed_origins,
+                tenant_argument=self.tenant_argument,
             )
         except ConfigError as error:
             raise SettingsError(list(error.problems)) from error

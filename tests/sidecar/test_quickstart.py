@@ -64,9 +64,9 @@ def test_quickstart_serves_the_demo_behind_the_guard(tmp_path: Path) -> None:
             url = f"http://127.0.0.1:{port}/mcp"
             async with http, Client(streamable_http_client(url, http_client=http)) as client:
                 names = sorted(tool.name for tool in (await client.list_tools()).tools)
-                added = await client.call_tool("add_item", {"tenant_id": "demo", "text": "from the test"})
+                added = await client.call_tool("add_item", {"text": "from the test"})
                 with pytest.raises(MCPError) as refused:
-                    await client.call_tool("delete_items", {"tenant_id": "demo"})
+                    await client.call_tool("delete_items", {})
                 return names, added, str(refused.value)
 
         names, added, refusal = asyncio.run(session())

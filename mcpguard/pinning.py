@@ -1,0 +1,79 @@
+"""Tenant argument pinning: a tool argument such as ``tenant_id`` always carries the bound tenant.
+
+The argument disappears from every tool's input schema in ``tools/list``, so a model never sees it; on
+``tools/call`` the guard sets it to the credential's tenant. A client value that differs is refused,
+wherever it hides: another spelling of the key, another case, or deeper in the arguments.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from mcpguard.errors import InvalidRequest, TenantMismatch
+from mcpguard.request_state import state_of
+
+__all__ = ["PinningLayer", "strip_pinned_argument"]
+
+
+def strip_pinned_argument(tool: dict[str, Any], argument: str) -> None:
+    """Remove ``argument`` from the tool's input schema (its properties and required list), in place."""
+    schema = tool.get("inputSchema")
+    if not isinstance(schema, dict):
+        return
+    properties = schema.get("properties")
+    if isinstance(properties, dict):
+        properties.pop(argument, None)
+    required = schema.get("required")
+    if isinstance(required, list):
+        schema["required"] = [name for name in required if name != argument]
+
+
+def _conflicts(value: Any, argument: str, tenant: str) -> bool:
+    """Whether any key spelled like ``argument`` (any case, any depth) holds something but ``tenant``."""
+    folded = argument.casefold()
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if key.casefold() == folded and child != tenant:
+                    return True
+                stack.append(child)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class PinningLayer:
+    """Sets the pinned argument of every ``tools/call`` to the bound tenant, refusing any other value."""
+
+    name = "pinning"
+
+    def __init__(self, app: ASGIApp, *, argument: str) -> None:
+        self.app = app
+        self._argument = argument
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        message, principal = state.message, state.principal
+        if message is None or message.method != "tools/call" or principal is None or state.body is None:
+            await self.app(scope, receive, send)
+            return
+        document = json.loads(state.body)
+        params = document["params"]
+        arguments = params.get("arguments", {})
+        if not isinstance(arguments, Mapping):
+            raise InvalidRequest("tools/call arguments must be an object")
+        if _conflicts(arguments, self._argument, principal.tenant):
+            raise TenantMismatch(f"the {self._argument!r} argument names another tenant")
+        params["arguments"] = {**arguments, self._argument: principal.tenant}
+        # Re-serialised once, here; the parse layer hands the app whatever state.body holds.
+        state.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(state.body)).encode()))
+        scope["headers"] = headers
+        await self.app(scope, receive, send)

@@ -1,0 +1,168 @@
+"""Tenant argument pinning through the sidecar: the argument is hidden, set, and cannot be smuggled."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import argon2
+import httpx
+import pytest
+from starlette.types import Message, Receive, Scope, Send
+
+from mcpguard import GuardConfig, KeyRing, open_store
+from sidecar.app import build_sidecar
+from sidecar.demo_server import http_app
+from sidecar.proxy import ProxySettings
+from tests.conftest import free_port, serve
+
+MODERN = {
+    "Accept": "application/json, text/event-stream",
+    "MCP-Protocol-Version": "2026-07-28",
+}
+META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+
+
+@dataclass
+class BodyCapture:
+    """Records the tools/call bodies the upstream receives."""
+
+    app: Any
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        document = json.loads(body)
+        if document.get("method") == "tools/call":
+            self.calls.append(document)
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+@dataclass
+class Pinned:
+    url: str
+    capture: BodyCapture
+    keys: dict[str, str]
+
+    def call(self, label: str, tool: str, arguments: dict[str, Any] | bytes) -> httpx.Response:
+        if isinstance(arguments, bytes):
+            content = arguments
+        else:
+            payload = {"name": tool, "arguments": arguments, "_meta": META}
+            content = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": payload}).encode()
+        headers = MODERN | {"Mcp-Method": "tools/call", "Mcp-Name": tool, "Content-Type": "application/json"}
+        headers["Authorization"] = f"Bearer {self.keys[label]}"
+        return httpx.post(self.url + "/mcp", content=content, headers=headers)
+
+    def result(self, label: str, tool: str, arguments: dict[str, Any]) -> Any:
+        response = self.call(label, tool, arguments)
+        assert response.status_code == 200, response.text
+        return response.json()["result"]["structuredContent"]["result"]
+
+
+@pytest.fixture(scope="module")
+def pinned() -> Iterator[Pinned]:
+    capture = BodyCapture(http_app())
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+    async def make() -> dict[str, str]:
+        ring = KeyRing(store=store, hasher=hasher)
+        return {
+            "acme": (await ring.create(tenant="acme", scopes=["mcp:write"]))[0],
+            "globex": (await ring.create(tenant="globex", scopes=["mcp:write"]))[0],
+        }
+
+    keys = asyncio.run(make())
+    with serve(capture) as upstream:
+        port = free_port()
+        app = build_sidecar(
+            config=GuardConfig(public_url=f"http://127.0.0.1:{port}", tenant_argument="tenant_id"),
+            proxy=ProxySettings(upstream=f"{upstream}/mcp"),
+            store=store,
+            keys=KeyRing(store=store, hasher=hasher),
+        )
+        with serve(app, port) as url:
+            yield Pinned(url, capture, keys)
+
+
+def test_pinned_argument_hidden_from_tools_list(pinned: Pinned) -> None:
+    """No tool's input schema offers tenant_id to the client, in properties or required."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": META}}
+    headers = MODERN | {"Mcp-Method": "tools/list", "Authorization": f"Bearer {pinned.keys['acme']}"}
+    tools = httpx.post(pinned.url + "/mcp", json=body, headers=headers).json()["result"]["tools"]
+    assert tools
+    for tool in tools:
+        schema = tool["inputSchema"]
+        assert "tenant_id" not in schema.get("properties", {})
+        assert "tenant_id" not in schema.get("required", [])
+
+
+def test_calls_are_pinned_to_the_bound_tenant(pinned: Pinned) -> None:
+    """A call without tenant_id runs for the key's tenant, and tenants never see each other's items."""
+    before = len(pinned.capture.calls)
+    pinned.result("acme", "add_item", {"text": "acme-only"})
+    assert pinned.capture.calls[before]["params"]["arguments"]["tenant_id"] == "acme"
+    assert "acme-only" in pinned.result("acme", "list_items", {})
+    assert "acme-only" not in pinned.result("globex", "list_items", {})
+
+
+def test_own_tenant_named_explicitly_is_accepted(pinned: Pinned) -> None:
+    """Naming one's own tenant is not an attack: the call goes through unchanged in meaning."""
+    assert pinned.result("acme", "list_items", {"tenant_id": "acme"}) is not None
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"tenant_id": "globex"},
+        {"tenant_id": "ACME"},
+        {"Tenant_ID": "globex"},
+        {"text": "x", "options": {"tenant_id": "globex"}},
+        {"text": "x", "batch": [{"tenant_id": "globex"}]},
+        {"tenant_id": ["acme", "globex"]},
+        {"tenant_id": None},
+    ],
+    ids=["other", "case", "key-case", "nested", "in-list", "list-value", "null"],
+)
+def test_smuggled_tenant_argument_refused(pinned: Pinned, arguments: dict[str, Any]) -> None:
+    """Any tenant_id that is not exactly the bound tenant, however spelled or nested, is 403 and not forwarded."""
+    before = len(pinned.capture.calls)
+    response = pinned.call("acme", "add_item", {"text": "x"} | arguments)
+    assert response.status_code == 403
+    assert response.json()["error"]["data"]["error"] == "tenant_mismatch"
+    assert len(pinned.capture.calls) == before
+
+
+@pytest.mark.threat("T-PARSE-DIFF")
+def test_duplicate_tenant_key_refused(pinned: Pinned) -> None:
+    """Two tenant_id keys (first- vs last-wins) are refused by the parser before pinning."""
+    before = len(pinned.capture.calls)
+    raw = (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"list_items",'
+        b'"arguments":{"tenant_id":"acme","tenant_id":"globex"},"_meta":' + json.dumps(META).encode() + b"}}"
+    )
+    assert pinned.call("acme", "list_items", raw).status_code == 400
+    assert len(pinned.capture.calls) == before
