@@ -1,0 +1,149 @@
+"""Streaming and framing through the sidecar against an upstream the test controls byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import argon2
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from mcpguard import GuardConfig, KeyRing, open_store
+from sidecar.app import build_sidecar
+from sidecar.proxy import ProxySettings
+from tests.conftest import free_port, serve
+
+EVENTS = 5
+GAP = 0.15
+CAP = 64 * 1024
+
+
+@dataclass
+class Upstream:
+    """GET /mcp: SSE events GAP apart; POST /big: a body over the cap, sized or chunked; logs every hit."""
+
+    hits: list[str] = field(default_factory=list)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        self.hits.append(f"{scope['method']} {scope['path']}")
+        while (await receive()).get("more_body"):
+            pass
+        if scope["method"] == "GET":
+            start = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": start})
+            for index in range(EVENTS):
+                data = f'{{"jsonrpc":"2.0","method":"notifications/n","params":{{"i":{index}}}}}'
+                event = f"event: message\ndata: {data}\n\n"
+                await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                await asyncio.sleep(GAP)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        sized = b"sized" in scope.get("query_string", b"")
+        headers = [(b"content-type", b"application/json")]
+        if sized:
+            headers.append((b"content-length", str(4 * CAP).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for _ in range(4):
+            await send({"type": "http.response.body", "body": b" " * CAP, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@dataclass
+class Rig:
+    direct: str
+    sidecar: str
+    upstream: Upstream
+    key: str
+
+
+@pytest.fixture(scope="module")
+def rig() -> Iterator[Rig]:
+    upstream = Upstream()
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:admin"]))
+    with serve(upstream) as direct:
+        port = free_port()
+        app = build_sidecar(
+            config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
+            proxy=ProxySettings(upstream=f"{direct}/mcp", max_response_bytes=CAP),
+            store=store,
+            keys=KeyRing(store=store, hasher=hasher),
+        )
+        with serve(app, port) as url:
+            yield Rig(direct, url, upstream, key)
+
+
+def arrivals(url: str, headers: dict[str, str]) -> list[float]:
+    start = time.monotonic()
+    times = []
+    with httpx.stream("GET", url + "/mcp", headers=headers, timeout=10) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                times.append(time.monotonic() - start)
+    return times
+
+
+def test_sse_events_arrive_as_direct(rig: Rig) -> None:
+    """Each SSE event reaches the client through the sidecar about when it does directly: nothing is buffered."""
+    direct = arrivals(rig.direct, {})
+    proxied = arrivals(rig.sidecar, {"Authorization": f"Bearer {rig.key}"})
+    assert len(direct) == len(proxied) == EVENTS
+    # Events are GAP apart at the source; buffering would bunch them up at the end.
+    for index in range(1, EVENTS):
+        assert proxied[index] - proxied[index - 1] > GAP * 0.5
+    assert proxied[-1] - proxied[0] > (direct[-1] - direct[0]) * 0.7
+    assert proxied[0] < proxied[-1] - GAP * (EVENTS - 2)
+
+
+@pytest.mark.threat("T-BODY-EXHAUST")
+def test_oversized_upstream_answer_refused_or_cut(rig: Rig) -> None:
+    """An upstream answer over the cap is a 502 when its size is declared, and an aborted stream when not."""
+    auth = {"Authorization": f"Bearer {rig.key}"}
+    declared = httpx.post(rig.sidecar + "/big?sized=1", headers=auth)
+    assert declared.status_code == 502
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.post(rig.sidecar + "/big", headers=auth, timeout=10)
+
+
+@pytest.mark.threat("T-SMUGGLE")
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n",
+        b"Content-Length: 4\r\nContent-Length: 40\r\n",
+    ],
+    ids=["cl-and-te", "two-te", "two-cl"],
+)
+def test_ambiguous_framing_refused_and_not_forwarded(rig: Rig, framing: bytes) -> None:
+    """A request framed two ways is refused before the guard, and no smuggled request reaches the upstream."""
+    before = list(rig.upstream.hits)
+    host = rig.sidecar.removeprefix("http://")
+    smuggled = b"GET /admin HTTP/1.1\r\nHost: x\r\n\r\n"
+    request = (
+        b"POST /mcp HTTP/1.1\r\nHost: " + host.encode() + b"\r\n"
+        b"Authorization: Bearer " + rig.key.encode() + b"\r\n" + framing + b"\r\n"
+        b"0\r\n\r\n" + smuggled
+    )
+    hostname, port = host.split(":")
+    with socket.create_connection((hostname, int(port)), timeout=5) as conn:
+        conn.sendall(request)
+        conn.settimeout(2)
+        answer = b""
+        try:
+            while chunk := conn.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert answer.count(b"HTTP/1.1") == 1
+    assert rig.upstream.hits == before
