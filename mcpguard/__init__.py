@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mcpguard.assertions import ASSERTION_HEADER, AssertionSigner
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import (
     AuthenticationRequired,
@@ -33,7 +34,9 @@ from mcpguard.tool_listing import Exchange, ListingError, asgi_exchange, tool_li
 
 __all__ = [
     "ADMIN",
+    "ASSERTION_HEADER",
     "AUDIT",
+    "AssertionSigner",
     "AuthenticationRequired",
     "ConfigError",
     "CredentialKind",

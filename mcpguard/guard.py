@@ -7,6 +7,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcpguard.assertions import AssertionSigner
 from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
 from mcpguard.authorization import ScopeLayer
 from mcpguard.config import GuardConfig
@@ -98,6 +99,7 @@ def build_guard(
     tool_lister: ToolLister | None = None,
     catalog: ToolCatalog | None = None,
     sessions: SessionBindings | None = None,
+    assertions: AssertionSigner | None = None,
     rate_limit: Layer | None = None,
     audit: Layer | None = None,
 ) -> ASGIApp:
@@ -123,7 +125,7 @@ def build_guard(
     if rate_limit is not None:
         inner = rate_limit(inner)
     inner = SessionLayer(inner, bindings=sessions if sessions is not None else MemorySessionBindings())
-    inner = TenantLayer(inner)
+    inner = TenantLayer(inner, assertions=assertions)
     inner = AuthenticationLayer(inner, keys=keys, tokens=tokens, api_key_header=config.api_key_header)
     inner = ParseLayer(inner, config)
     inner = OriginLayer(inner, config)

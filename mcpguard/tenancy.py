@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mcpguard.assertions import ASSERTION_HEADER, AssertionSigner
 from mcpguard.errors import TenantMismatch
 from mcpguard.principal import bound_principal
 from mcpguard.request_state import state_of
@@ -19,8 +20,9 @@ class TenantLayer:
 
     name = "tenant"
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, assertions: AssertionSigner | None = None) -> None:
         self.app = app
+        self._assertions = assertions
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope)
@@ -30,12 +32,14 @@ class TenantLayer:
         if state.path_tenant is not None and state.path_tenant != principal.tenant:
             raise TenantMismatch("this credential is not valid for the tenant named in the URL")
         # Inbound copies were stripped by the outermost layer; these are the only ones the app sees.
-        scope["headers"] = [
-            *scope["headers"],
+        identity = [
             (b"x-mcpguard-tenant", principal.tenant.encode()),
             (b"x-mcpguard-subject", principal.subject.encode()),
             (b"x-mcpguard-scopes", " ".join(sorted(principal.scopes)).encode()),
             (b"x-mcpguard-credential", principal.credential_id.encode()),
         ]
+        if self._assertions is not None:
+            identity.append((ASSERTION_HEADER, self._assertions.sign(principal)))
+        scope["headers"] = [*scope["headers"], *identity]
         with bound_principal(principal):
             await self.app(scope, receive, send)

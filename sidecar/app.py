@@ -6,6 +6,7 @@ import aiohttp
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard import (
+    AssertionSigner,
     GuardConfig,
     KeyRing,
     MCPGuardError,
@@ -67,9 +68,10 @@ def build_sidecar(
     keys: KeyRing,
     tokens: TokenVerifier | None = None,
     annotations_ttl: float = 300.0,
+    assertions: AssertionSigner | None = None,
 ) -> SidecarApp:
     """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself."""
     upstream = UpstreamProxy(proxy)
     catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
-    guard = build_guard(upstream, config, keys=keys, tokens=tokens, catalog=catalog)
+    guard = build_guard(upstream, config, keys=keys, tokens=tokens, catalog=catalog, assertions=assertions)
     return SidecarApp(guard, upstream, store)

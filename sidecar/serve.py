@@ -11,7 +11,7 @@ from typing import TypeAlias
 
 import uvicorn
 
-from mcpguard import KeyRing, open_store
+from mcpguard import AssertionSigner, KeyRing, open_store
 from sidecar.app import SidecarApp, build_sidecar
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
@@ -34,8 +34,15 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
         read_timeout=settings.upstream_timeout,
         max_response_bytes=settings.max_response_bytes,
     )
+    key = settings.assertion_key(env)
+    assertions = None
+    if key is not None:
+        assertions = AssertionSigner(
+            key=key, issuer=settings.public_origin, audience=proxy.upstream, lifetime=settings.assertion_lifetime
+        )
     return build_sidecar(
         config=settings.guard_config(),
+        assertions=assertions,
         proxy=proxy,
         store=store,
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from mcpguard import ADMIN, AUDIT, READ, WRITE, ConfigError, GuardConfig
 
 __all__ = ["SettingsError", "SidecarSettings", "load_settings"]
@@ -101,6 +104,9 @@ class SidecarSettings:
     annotations_ttl: float = 300.0
     drain_seconds: float = 30.0
     rate_limit_per_min: int = 100
+    assertion_secret_env: str | None = None
+    assertion_key_file: str | None = None
+    assertion_lifetime: float = 60.0
 
     def __post_init__(self) -> None:
         issues = self._issues()
@@ -154,6 +160,25 @@ class SidecarSettings:
     def guard_config(self) -> GuardConfig:
         """The library's configuration for the guard in front of the upstream."""
         return self._build_guard_config(self.public_origin)
+
+    def assertion_key(self, env: Mapping[str, str]) -> Ed25519PrivateKey | bytes | None:
+        """The key identity assertions are signed with, if configured; never quoted in any error."""
+        if self.assertion_secret_env is not None:
+            secret = env.get(self.assertion_secret_env, "").encode()
+            if len(secret) < 32:
+                raise SettingsError([f"assertion_secret_env: {self.assertion_secret_env} must hold at least 32 bytes"])
+            return secret
+        if self.assertion_key_file is None:
+            return None
+        try:
+            with open(self.assertion_key_file, "rb") as file:
+                key = serialization.load_pem_private_key(file.read(), password=None)
+        except (OSError, ValueError, TypeError) as error:
+            problem = f"assertion_key_file: cannot load an unencrypted PEM key ({type(error).__name__})"
+            raise SettingsError([problem]) from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SettingsError(["assertion_key_file: must be an Ed25519 private key"])
+        return key
 
     def upstream_credentials(self, env: Mapping[str, str]) -> dict[str, str]:
         """Headers carrying the upstream bearer token, read now from ``env`` or the file; ``{}`` if none."""
@@ -253,6 +278,12 @@ class SidecarSettings:
                 issues.append(_Issue(("upstream_headers",), f"{name!r} is set by the proxy and cannot be configured"))
             # The value is never quoted back: it is often a credential.
             check("upstream_headers", _is_header_value(value), f"the value of {name!r} has control characters")
+        signing = [n for n in ("assertion_secret_env", "assertion_key_file") if getattr(self, n) is not None]
+        if len(signing) > 1:
+            issues.append(_Issue(tuple(signing), "set at most one of assertion_secret_env and assertion_key_file"))
+        if self.assertion_secret_env is not None:
+            check("assertion_secret_env", bool(_ENV_NAME.fullmatch(self.assertion_secret_env)), "not a variable name")
+        check("assertion_lifetime", 1 <= self.assertion_lifetime <= 300, "must be between 1 and 300 seconds")
         bearer = [n for n in ("upstream_bearer_env", "upstream_bearer_file") if getattr(self, n) is not None]
         if len(bearer) == 2:
             issues.append(_Issue(tuple(bearer), "set at most one of upstream_bearer_env and upstream_bearer_file"))

@@ -15,13 +15,15 @@ from typing import Any
 import argon2
 import httpx
 import httpx2
+import jwt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import GuardConfig, KeyRing, open_store
+from mcpguard import AssertionSigner, GuardConfig, KeyRing, open_store
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
@@ -301,3 +303,58 @@ def test_hanging_upstream_times_out_with_504() -> None:
         listener.close()
     assert response.status_code == 504
     assert response.json()["error"]["data"]["error"] == "gateway_timeout"
+
+
+def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
+    """With a signer configured, the upstream gets an EdDSA assertion of the principal, for itself only."""
+    signing_key = Ed25519PrivateKey.generate()
+    capture = Capture(http_app())
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:read"], name="ci"))
+    with serve(capture) as upstream:
+        port = free_port()
+        origin = f"http://127.0.0.1:{port}"
+        signer = AssertionSigner(key=signing_key, issuer=origin, audience=f"{upstream}/mcp")
+        app = build_sidecar(
+            config=GuardConfig(public_url=origin),
+            proxy=ProxySettings(upstream=f"{upstream}/mcp"),
+            store=store,
+            keys=KeyRing(store=store, hasher=hasher),
+            assertions=signer,
+        )
+        with serve(app, port) as url:
+            response = httpx.post(
+                url + "/mcp",
+                json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
+                headers={"Authorization": f"Bearer {key}", **_modern("tools/list")},
+            )
+    assert response.status_code == 200
+    assertion = next(h["x-mcpguard-assertion"][0] for h in capture.headers if "x-mcpguard-assertion" in h)
+    claims = jwt.decode(
+        assertion, signing_key.public_key(), algorithms=["EdDSA"], audience=f"{upstream}/mcp", issuer=origin
+    )
+    assert claims["tenant"] == "acme"
+    assert claims["sub"] == "key:ci"
+    assert claims["scope"] == "mcp:read"
+    assert claims["exp"] - claims["iat"] == 60
+    with pytest.raises(jwt.InvalidAudienceError):
+        jwt.decode(assertion, signing_key.public_key(), algorithms=["EdDSA"], audience="http://elsewhere/mcp")
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+def test_forged_assertion_header_from_client_is_dropped(stack: Stack) -> None:
+    """A client-sent X-MCPGuard-Assertion never reaches the upstream (the whole X-MCPGuard-* family is stripped)."""
+    before = len(stack.capture.headers)
+    response = httpx.post(
+        stack.url + "/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
+        headers={
+            "Authorization": f"Bearer {stack.keys['read']}",
+            "X-MCPGuard-Assertion": "forged.token.value",
+            **_modern("tools/list"),
+        },
+    )
+    assert response.status_code == 200
+    for headers in stack.capture.headers[before:]:
+        assert "forged.token.value" not in json.dumps(headers)

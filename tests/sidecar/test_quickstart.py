@@ -21,15 +21,18 @@ from mcp.shared.exceptions import MCPError
 from tests.conftest import free_port
 
 
-def _processes_mentioning(text: str) -> list[int]:
+def _children(parent: int) -> list[int]:
+    """Live child processes of ``parent``."""
     found = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
-                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                stat = (proc / "stat").read_text()
             except OSError:
                 continue
-            if text in cmdline:
+            # The fields after the command name (which may hold spaces) start with state, then ppid.
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[1]) == parent and fields[0] != "Z":
                 found.append(int(proc.name))
     return found
 
@@ -74,13 +77,10 @@ def test_quickstart_serves_the_demo_behind_the_guard(tmp_path: Path) -> None:
         assert "delete_items" not in names
         assert added.is_error is False
         assert "mcp:admin" in refusal
-        demo_children = _processes_mentioning("sidecar.demo_server")
+        demo_children = _children(process.pid)
         assert demo_children
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=20)
     assert process.returncode == 0
-    deadline = time.monotonic() + 5
-    while set(_processes_mentioning("sidecar.demo_server")) & set(demo_children) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not set(_processes_mentioning("sidecar.demo_server")) & set(demo_children)
+    assert not [pid for pid in demo_children if Path(f"/proc/{pid}").exists()]

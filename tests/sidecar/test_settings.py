@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcpguard import GuardConfig
 from sidecar.settings import SettingsError, SidecarSettings, load_settings
@@ -425,3 +427,39 @@ class TestGuardConfig:
             "rate_limit_per_min: must be at least 1",
             "mcp_path: must be '/'-separated segments without '//', '{' or a trailing '/', got 'mcp'",
         ]
+
+
+class TestAssertionKey:
+    def test_secret_from_env(self) -> None:
+        """An HS256 secret is read from the named variable."""
+        settings = load(upstream=UPSTREAM, assertion_secret_env="SIGNING")
+        assert settings.assertion_key({"SIGNING": "s" * 40}) == b"s" * 40
+
+    def test_short_secret_is_a_problem_without_echo(self) -> None:
+        """A secret under 32 bytes is refused and not repeated in the message."""
+        settings = load(upstream=UPSTREAM, assertion_secret_env="SIGNING")
+        with pytest.raises(SettingsError) as caught:
+            settings.assertion_key({"SIGNING": "tiny-secret-value"})
+        assert "tiny-secret-value" not in str(caught.value)
+
+    def test_ed25519_key_file(self, tmp_path: Path) -> None:
+        """An unencrypted PEM Ed25519 private key file is loaded; another kind of file is a problem."""
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        path = tmp_path / "assertion.pem"
+        path.write_bytes(pem)
+        loaded = load(upstream=UPSTREAM, assertion_key_file=str(path)).assertion_key({})
+        assert isinstance(loaded, Ed25519PrivateKey)
+        path.write_text("not a key")
+        with pytest.raises(SettingsError):
+            load(upstream=UPSTREAM, assertion_key_file=str(path)).assertion_key({})
+
+    def test_both_sources_and_bad_lifetime_reported_together(self) -> None:
+        """Setting both key sources and a lifetime out of range are two problems, reported at once."""
+        problems = problems_of(
+            upstream=UPSTREAM, assertion_secret_env="SIGNING", assertion_key_file="/k.pem", assertion_lifetime=0
+        )
+        assert any("at most one of assertion_secret_env" in p for p in problems)
+        assert any("assertion-lifetime" in p for p in problems)
