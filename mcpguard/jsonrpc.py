@@ -89,7 +89,8 @@ def _decode(body: bytes, max_depth: int) -> Any:
         raise InvalidRequest("JSON nesting too deep", jsonrpc_code=PARSE_ERROR) from None
     except ValueError:
         raise InvalidRequest("request body is not valid JSON", jsonrpc_code=PARSE_ERROR) from None
-    if _depth_exceeds(value, max_depth):
+    # Nesting can only exceed the limit if there are more brackets than the limit: usually there are not.
+    if body.count(b"{") + body.count(b"[") > max_depth and _depth_exceeds(value, max_depth):
         raise InvalidRequest(f"JSON nesting deeper than {max_depth}", jsonrpc_code=PARSE_ERROR)
     return value
 
