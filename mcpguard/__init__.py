@@ -13,15 +13,17 @@ from mcpguard.errors import (
     MCPGuardError,
     MethodNotAllowed,
     PayloadTooLarge,
+    RateLimited,
     SessionNotFound,
     StorageUnavailable,
     TenantMismatch,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcpguard.guard import MCPGuard, build_guard, stack_names
+from mcpguard.guard import MCPGuard, build_guard, rate_limit_factory, stack_names
 from mcpguard.keyring import KeyRing
 from mcpguard.principal import CredentialKind, Principal, current_principal
+from mcpguard.ratelimit import FailedAuthLimiter, RateLimitLayer, RateLimits, client_ip, open_limiter_storage
 from mcpguard.request_state import RequestState, state_of
 from mcpguard.responses import send_json
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigError",
     "CredentialKind",
     "Exchange",
+    "FailedAuthLimiter",
     "GuardConfig",
     "HeaderMismatch",
     "InsufficientScope",
@@ -58,6 +61,9 @@ __all__ = [
     "PayloadTooLarge",
     "Principal",
     "READ",
+    "RateLimitLayer",
+    "RateLimited",
+    "RateLimits",
     "RequestState",
     "ScopePolicy",
     "SessionBindings",
@@ -73,8 +79,11 @@ __all__ = [
     "WRITE",
     "asgi_exchange",
     "build_guard",
+    "client_ip",
     "current_principal",
+    "open_limiter_storage",
     "open_store",
+    "rate_limit_factory",
     "send_json",
     "stack_names",
     "state_of",

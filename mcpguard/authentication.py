@@ -8,6 +8,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard.errors import AuthenticationRequired, InvalidToken
 from mcpguard.principal import Principal
+from mcpguard.ratelimit import FailedAuthLimiter, client_ip
 from mcpguard.request_state import state_of
 
 __all__ = ["AuthenticationLayer", "CredentialVerifier"]
@@ -60,18 +61,32 @@ class AuthenticationLayer:
         keys: CredentialVerifier | None,
         tokens: CredentialVerifier | None,
         api_key_header: str | None,
+        failed_auth: FailedAuthLimiter | None = None,
+        trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
         self._keys = keys
         self._tokens = tokens
         self._api_key_header = api_key_header.lower().encode() if api_key_header else None
+        self._failed_auth = failed_auth
+        self._trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         credential = _presented(scope, self._api_key_header)
         if credential is None:
             raise AuthenticationRequired("authentication required")
-        verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
-        if verifier is None:
-            raise InvalidToken("this kind of credential is not accepted here")
-        state_of(scope).principal = await verifier.verify(credential)
+        ip = client_ip(scope, self._trusted_proxies)
+        if self._failed_auth is not None:
+            # Before any verification: an address guessing keys costs no argon2 once over its limit.
+            await self._failed_auth.check(ip)
+        try:
+            verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
+            if verifier is None:
+                raise InvalidToken("this kind of credential is not accepted here")
+            state_of(scope).principal = await verifier.verify(credential)
+        except InvalidToken:
+            # Only a refused credential counts; a store outage is not the client's failure.
+            if self._failed_auth is not None:
+                await self._failed_auth.record_failure(ip)
+            raise
         await self.app(scope, receive, send)

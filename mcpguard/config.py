@@ -45,6 +45,7 @@ class GuardConfig:
     tenant_argument: str | None = None
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    trusted_proxies: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []

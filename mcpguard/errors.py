@@ -14,12 +14,14 @@
     ├── SessionNotFound            404 session_not_found (unknown, or opened by another principal)
     ├── PayloadTooLarge            413 request_too_large
     ├── MethodNotAllowed           405 method_not_allowed
+    ├── RateLimited                429 rate_limited (carries Retry-After and the RateLimit headers)
     ├── StorageUnavailable         503 temporarily_unavailable (fail closed)
     ├── UpstreamUnavailable        502 bad_gateway (the server behind the guard could not be reached)
     └── UpstreamTimeout            504 gateway_timeout (the server behind the guard did not answer in time)
 
 A subclass carries its wire code (RFC 6749 / RFC 6750 where one exists), its HTTP status, the JSON-RPC
-error code used when the refused request was JSON-RPC, and builds its own ``WWW-Authenticate``.
+error code used when the refused request was JSON-RPC, and builds its own ``WWW-Authenticate`` and any
+other header the refusal needs.
 Descriptions are written for the client and never contain credential material.
 """
 
@@ -38,6 +40,7 @@ __all__ = [
     "MisdirectedRequest",
     "OriginNotAllowed",
     "PayloadTooLarge",
+    "RateLimited",
     "SessionNotFound",
     "StorageUnavailable",
     "TenantMismatch",
@@ -53,6 +56,8 @@ HEADER_MISMATCH = -32020
 UNAUTHORIZED = -32001
 FORBIDDEN = -32003
 UNAVAILABLE = -32005
+# Mirrors HTTP 429, as -32001/-32003 mirror 401/403.
+RATE_LIMITED = -32029
 
 
 def _quote(value: str) -> str:
@@ -73,6 +78,10 @@ class MCPGuardError(Exception):
     def challenge(self, resource_metadata: str | None) -> str | None:
         """The ``WWW-Authenticate`` value for this refusal, or ``None`` when it has none."""
         return None
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """Response headers this refusal carries besides its challenge."""
+        return []
 
 
 class _BearerChallenge(MCPGuardError):
@@ -191,6 +200,32 @@ class MethodNotAllowed(MCPGuardError):
     error_code = "method_not_allowed"
     status = 405
     jsonrpc_code = INVALID_REQUEST
+
+
+class RateLimited(MCPGuardError):
+    """A rate limit is used up; ``retry_after`` (whole seconds, at least 1) says when to try again."""
+
+    error_code = "rate_limited"
+    status = 429
+    jsonrpc_code = RATE_LIMITED
+
+    def __init__(self, description: str, *, retry_after: int, limit: int, remaining: int, reset: int) -> None:
+        if retry_after < 1:
+            raise ValueError(f"retry_after must be at least 1 second, got {retry_after}")
+        super().__init__(description)
+        self.retry_after = retry_after
+        self.limit = limit
+        self.remaining = remaining
+        self.reset = reset
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``Retry-After`` and the ``RateLimit-*`` headers of the limit that refused the call."""
+        return [
+            (b"retry-after", str(self.retry_after).encode()),
+            (b"ratelimit-limit", str(self.limit).encode()),
+            (b"ratelimit-remaining", str(self.remaining).encode()),
+            (b"ratelimit-reset", str(self.reset).encode()),
+        ]
 
 
 class StorageUnavailable(MCPGuardError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from limits.aio.storage import Storage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.assertions import AssertionSigner
@@ -16,6 +17,7 @@ from mcpguard.metadata import PublicRoutes, resource_metadata_url
 from mcpguard.origins import OriginLayer
 from mcpguard.parsing import ParseLayer
 from mcpguard.pinning import PinningLayer
+from mcpguard.ratelimit import FailedAuthLimiter, RateLimitLayer, RateLimits, open_limiter_storage
 from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
 from mcpguard.responses import send_error
 from mcpguard.routing import Router
@@ -26,7 +28,7 @@ from mcpguard.tool_catalog import ToolCatalog, ToolLister
 from mcpguard.tool_listing import asgi_exchange
 from mcpguard.tool_listing import tool_lister as make_tool_lister
 
-__all__ = ["MCPGuard", "build_guard", "stack_names"]
+__all__ = ["MCPGuard", "build_guard", "rate_limit_factory", "stack_names"]
 
 Layer = Callable[[ASGIApp], ASGIApp]
 
@@ -100,6 +102,7 @@ def build_guard(
     catalog: ToolCatalog | None = None,
     sessions: SessionBindings | None = None,
     assertions: AssertionSigner | None = None,
+    failed_auth: FailedAuthLimiter | None = None,
     rate_limit: Layer | None = None,
     audit: Layer | None = None,
 ) -> ASGIApp:
@@ -126,7 +129,14 @@ def build_guard(
         inner = rate_limit(inner)
     inner = SessionLayer(inner, bindings=sessions if sessions is not None else MemorySessionBindings())
     inner = TenantLayer(inner, assertions=assertions)
-    inner = AuthenticationLayer(inner, keys=keys, tokens=tokens, api_key_header=config.api_key_header)
+    inner = AuthenticationLayer(
+        inner,
+        keys=keys,
+        tokens=tokens,
+        api_key_header=config.api_key_header,
+        failed_auth=failed_auth,
+        trusted_proxies=frozenset(config.trusted_proxies),
+    )
     inner = ParseLayer(inner, config)
     inner = OriginLayer(inner, config)
     inner = PublicRoutes(inner, config)
@@ -134,6 +144,15 @@ def build_guard(
     if audit is not None:
         inner = audit(inner)
     return EntryLayer(inner, config, wrapped=app)
+
+
+def rate_limit_factory(rate_limits: RateLimits, storage: Storage) -> Layer:
+    """The rate-limit slot of ``build_guard`` for these limits over ``storage``."""
+
+    def layer(app: ASGIApp) -> ASGIApp:
+        return RateLimitLayer(app, rate_limits, storage=storage)
+
+    return layer
 
 
 def stack_names(guard: ASGIApp) -> list[str]:
@@ -147,7 +166,12 @@ def stack_names(guard: ASGIApp) -> list[str]:
 
 
 class MCPGuard:
-    """The guard around an ASGI app: ``app = MCPGuard(app, config, keys=KeyRing(...))``."""
+    """The guard around an ASGI app: ``app = MCPGuard(app, config, keys=KeyRing(...))``.
+
+    Rate limits are on by default (``RateLimits()``: 100 tool calls a minute per tenant, 20 failed
+    authentications a minute per client address), counted in this process unless ``rate_limit_store``
+    names a shared store; ``rate_limits=None`` turns the tenant limit off.
+    """
 
     def __init__(
         self,
@@ -157,9 +181,21 @@ class MCPGuard:
         keys: CredentialVerifier | None = None,
         tokens: CredentialVerifier | None = None,
         tool_lister: ToolLister | None = None,
+        rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
+        rate_limit_store: str = "memory://",
+        failed_auth_limit: str = "20/minute",
     ) -> None:
         self.config = config if config is not None else GuardConfig()
-        self._stack = build_guard(app, self.config, keys=keys, tokens=tokens, tool_lister=tool_lister)
+        storage = open_limiter_storage(rate_limit_store)
+        self._stack = build_guard(
+            app,
+            self.config,
+            keys=keys,
+            tokens=tokens,
+            tool_lister=tool_lister,
+            failed_auth=FailedAuthLimiter(storage, limit=failed_auth_limit),
+            rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._stack(scope, receive, send)

@@ -34,6 +34,7 @@ async def send_error(send: Send, error: MCPGuardError, state: RequestState, reso
     challenge = error.challenge(resource_metadata)
     if challenge is not None:
         headers.append((b"www-authenticate", challenge.encode("latin-1", "replace")))
+    headers.extend(error.headers())
     payload: dict[str, Any]
     if state.is_mcp:
         rid = state.message.id if state.message is not None else None

@@ -1,4 +1,4 @@
-"""The sidecar application: health endpoints, then the full guard, then the forwarding proxy."""
+"""The sidecar application: health endpoints, then the full guard, then the upstream (HTTP proxy or stdio)."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard import (
     AssertionSigner,
+    FailedAuthLimiter,
     GuardConfig,
     KeyRing,
     MCPGuardError,
+    RateLimits,
     Store,
     TokenVerifier,
     ToolCatalog,
     build_guard,
+    open_limiter_storage,
+    rate_limit_factory,
     send_json,
     tool_lister,
 )
 from sidecar.proxy import ProxySettings, UpstreamProxy
+from sidecar.stdio_upstream import StdioSettings, StdioUpstream
 
-__all__ = ["SidecarApp", "build_sidecar"]
+__all__ = ["SidecarApp", "build_sidecar", "build_stdio_sidecar"]
 
 _READY_PROBE_TIMEOUT = 2.0
 
@@ -27,7 +32,7 @@ _READY_PROBE_TIMEOUT = 2.0
 class SidecarApp:
     """Answers ``/healthz`` and ``/readyz`` itself and sends everything else through the guard."""
 
-    def __init__(self, guard: ASGIApp, proxy: UpstreamProxy, store: Store) -> None:
+    def __init__(self, guard: ASGIApp, proxy: UpstreamProxy | StdioUpstream, store: Store) -> None:
         self.guard = guard
         self.proxy = proxy
         self.store = store
@@ -51,6 +56,10 @@ class SidecarApp:
             await self.store.get_key("readiness-probe")
         except MCPGuardError:
             problems.append("state store unavailable")
+        if isinstance(self.proxy, StdioUpstream):
+            if not self.proxy.command_available():
+                problems.append("upstream command not found or not executable")
+            return problems
         try:
             timeout = aiohttp.ClientTimeout(total=_READY_PROBE_TIMEOUT)
             async with self.proxy.session.head(self.proxy.settings.upstream, timeout=timeout):
@@ -58,6 +67,33 @@ class SidecarApp:
         except (aiohttp.ClientError, TimeoutError, RuntimeError):
             problems.append("upstream unreachable")
         return problems
+
+
+def _assemble(
+    upstream: UpstreamProxy | StdioUpstream,
+    *,
+    config: GuardConfig,
+    store: Store,
+    keys: KeyRing,
+    tokens: TokenVerifier | None,
+    annotations_ttl: float,
+    assertions: AssertionSigner | None,
+    rate_limits: RateLimits | None,
+    rate_limit_store: str,
+) -> SidecarApp:
+    catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
+    storage = open_limiter_storage(rate_limit_store)
+    guard = build_guard(
+        upstream,
+        config,
+        keys=keys,
+        tokens=tokens,
+        catalog=catalog,
+        assertions=assertions,
+        failed_auth=FailedAuthLimiter(storage),
+        rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
+    )
+    return SidecarApp(guard, upstream, store)
 
 
 def build_sidecar(
@@ -69,9 +105,43 @@ def build_sidecar(
     tokens: TokenVerifier | None = None,
     annotations_ttl: float = 300.0,
     assertions: AssertionSigner | None = None,
+    rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
+    rate_limit_store: str = "memory://",
 ) -> SidecarApp:
     """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself."""
-    upstream = UpstreamProxy(proxy)
-    catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
-    guard = build_guard(upstream, config, keys=keys, tokens=tokens, catalog=catalog, assertions=assertions)
-    return SidecarApp(guard, upstream, store)
+    return _assemble(
+        UpstreamProxy(proxy),
+        config=config,
+        store=store,
+        keys=keys,
+        tokens=tokens,
+        annotations_ttl=annotations_ttl,
+        assertions=assertions,
+        rate_limits=rate_limits,
+        rate_limit_store=rate_limit_store,
+    )
+
+
+def build_stdio_sidecar(
+    *,
+    config: GuardConfig,
+    stdio: StdioSettings,
+    store: Store,
+    keys: KeyRing,
+    tokens: TokenVerifier | None = None,
+    annotations_ttl: float = 300.0,
+    rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
+    rate_limit_store: str = "memory://",
+) -> SidecarApp:
+    """The guard in front of ``stdio.argv``, run once per MCP session; annotations come from the server itself."""
+    return _assemble(
+        StdioUpstream(stdio),
+        config=config,
+        store=store,
+        keys=keys,
+        tokens=tokens,
+        annotations_ttl=annotations_ttl,
+        assertions=None,
+        rate_limits=rate_limits,
+        rate_limit_store=rate_limit_store,
+    )

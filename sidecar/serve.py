@@ -11,11 +11,12 @@ from typing import TypeAlias
 
 import uvicorn
 
-from mcpguard import AssertionSigner, KeyRing, open_store
-from sidecar.app import SidecarApp, build_sidecar
+from mcpguard import AssertionSigner, KeyRing, RateLimits, open_store
+from sidecar.app import SidecarApp, build_sidecar, build_stdio_sidecar
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
 from sidecar.settings import SidecarSettings, load_settings
+from sidecar.stdio_upstream import StdioSettings
 
 __all__ = ["add_sidecar_command", "serve_until_stopped", "sidecar_from_settings"]
 
@@ -25,6 +26,20 @@ _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> SidecarApp:
     """The sidecar app described by ``settings`` (credentials for the upstream resolved from ``env``)."""
     store = open_store(settings.state_url)
+    if settings.upstream_cmd is not None:
+        stdio = StdioSettings(
+            argv=settings.upstream_argv,
+            read_timeout=settings.upstream_timeout,
+            max_message_bytes=settings.max_response_bytes,
+        )
+        return build_stdio_sidecar(
+            config=settings.guard_config(),
+            stdio=stdio,
+            store=store,
+            keys=KeyRing(store=store, hasher=hasher_from_env(env)),
+            annotations_ttl=settings.annotations_ttl,
+            rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
+        )
     drop = frozenset({settings.api_key_header}) if settings.api_key_header else frozenset()
     proxy = ProxySettings(
         upstream=settings.upstream or "",
@@ -47,6 +62,7 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
         store=store,
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),
         annotations_ttl=settings.annotations_ttl,
+        rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
     )
 
 
@@ -70,9 +86,6 @@ async def _run(args: argparse.Namespace) -> int:
         "state": getattr(args, "state", None),
     }
     settings = load_settings(config_file=args.config, env=os.environ, overrides=overrides)
-    if settings.upstream_cmd is not None:
-        print("mcpguard: error: stdio upstreams (--upstream-cmd) are not available in this version", file=sys.stderr)
-        return 2
     app = sidecar_from_settings(settings, os.environ)
     config = uvicorn.Config(
         app,
@@ -87,7 +100,9 @@ async def _run(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.drain_seconds) or None,
     )
     server = uvicorn.Server(config)
-    print(f"mcpguard sidecar: {settings.public_origin}{settings.mcp_path} -> {settings.upstream}", file=sys.stderr)
+    # Only a command's executable is shown: its arguments may hold credentials.
+    target = settings.upstream or f"{settings.upstream_argv[0]} (stdio, one process per session)"
+    print(f"mcpguard sidecar: {settings.public_origin}{settings.mcp_path} -> {target}", file=sys.stderr)
     await serve_until_stopped(server)
     return 0
 

@@ -507,3 +507,34 @@ def test_loopback_names_are_one_host(guarded: Guarded) -> None:
     port = guarded.url.rsplit(":", 1)[1]
     response = post(guarded, guarded.keys["read"], rpc("ping"), headers={"Host": f"localhost:{port}"})
     assert response.status_code == 200
+
+
+@pytest.mark.threat("T-KEY-GUESS")
+def test_key_guessing_address_is_refused_before_verification() -> None:
+    """After its failed attempts an address gets 429 even with a valid key; another address is unaffected."""
+    store = open_store("memory://")
+    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme"))
+    port = free_port()
+    config = GuardConfig(public_url=f"http://127.0.0.1:{port}", trusted_proxies=("127.0.0.1",))
+    guard = MCPGuard(
+        RecordingApp(),
+        config,
+        keys=KeyRing(store=store, hasher=hasher),
+        tool_lister=list_tools,
+        failed_auth_limit="3/minute",
+    )
+    _, wrong = generate_key()
+    with serve(guard, port) as url:
+
+        def ping(credential: str, address: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {credential}", "X-Forwarded-For": address}
+            return httpx.post(url + "/mcp", json=rpc("ping"), headers=headers)
+
+        assert [ping(wrong, "203.0.113.7").status_code for _ in range(3)] == [401, 401, 401]
+        blocked = ping(key, "203.0.113.7")
+        other = ping(key, "198.51.100.9")
+    assert blocked.status_code == 429
+    assert 1 <= int(blocked.headers["retry-after"]) <= 60
+    assert blocked.json()["error"]["data"]["error"] == "rate_limited"
+    assert other.status_code == 200
