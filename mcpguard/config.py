@@ -46,6 +46,8 @@ class GuardConfig:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
+    # Credential ids (key ids, token grant ids) that may query the audit trail across tenants.
+    operator_credentials: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []

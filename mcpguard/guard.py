@@ -9,6 +9,8 @@ from limits.aio.storage import Storage
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.assertions import AssertionSigner
+from mcpguard.audit.api import AuditAPI
+from mcpguard.audit.recorder import AuditGate, AuditLayer, AuditStore
 from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
 from mcpguard.authorization import ScopeLayer
 from mcpguard.config import GuardConfig
@@ -86,6 +88,7 @@ class ErrorLayer:
         try:
             await self.app(scope, receive, tracking_send)
         except MCPGuardError as exc:
+            state.refusal = exc.error_code
             if state.response_started:
                 raise
             resource_path = scope["path"] if state.is_mcp else self._config.mcp_path
@@ -104,14 +107,15 @@ def build_guard(
     assertions: AssertionSigner | None = None,
     failed_auth: FailedAuthLimiter | None = None,
     rate_limit: Layer | None = None,
-    audit: Layer | None = None,
+    audit: AuditStore | None = None,
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
     entry → audit → errors → public → origin → parse → authenticate → tenant → sessions → rate limit →
-    scopes → pinning (when a tenant argument is configured) → app.
+    audit API → scopes → pinning (when a tenant argument is configured) → audit start → app.
 
-    Audit sits outside the error layer so it sees every outcome (401/403/429 included); Host and Origin
+    Audit sits outside the error layer so it sees every outcome (401/403/429 included), and its gate
+    sits last, so a call's start is committed only when it really is forwarded; Host and Origin
     are checked before anything else is read (DNS rebinding), after the public metadata; parsing comes
     before authentication so nothing is decided on a body the server would read differently; the
     rate limit counts every authenticated call, refused by scope or not. A session is checked against
@@ -122,9 +126,13 @@ def build_guard(
         lister = tool_lister if tool_lister is not None else make_tool_lister(asgi_exchange(app, config.mcp_path))
         catalog = ToolCatalog(lister)
     inner: ASGIApp = app
+    if audit is not None:
+        inner = AuditGate(inner)
     if config.tenant_argument is not None:
         inner = PinningLayer(inner, argument=config.tenant_argument)
     inner = ScopeLayer(inner, policy=policy, catalog=catalog, pinned_argument=config.tenant_argument)
+    if audit is not None:
+        inner = AuditAPI(inner, audit, policy=policy, operators=frozenset(config.operator_credentials))
     if rate_limit is not None:
         inner = rate_limit(inner)
     inner = SessionLayer(inner, bindings=sessions if sessions is not None else MemorySessionBindings())
@@ -142,7 +150,7 @@ def build_guard(
     inner = PublicRoutes(inner, config)
     inner = ErrorLayer(inner, config)
     if audit is not None:
-        inner = audit(inner)
+        inner = AuditLayer(inner, audit)
     return EntryLayer(inner, config, wrapped=app)
 
 
@@ -184,6 +192,7 @@ class MCPGuard:
         rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
         rate_limit_store: str = "memory://",
         failed_auth_limit: str = "20/minute",
+        audit: AuditStore | None = None,
     ) -> None:
         self.config = config if config is not None else GuardConfig()
         storage = open_limiter_storage(rate_limit_store)
@@ -195,6 +204,7 @@ class MCPGuard:
             tool_lister=tool_lister,
             failed_auth=FailedAuthLimiter(storage, limit=failed_auth_limit),
             rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
+            audit=audit,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

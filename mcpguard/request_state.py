@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from starlette.types import Scope
@@ -27,6 +28,11 @@ class RequestState:
     principal: Principal | None = None
     required_scope: str | None = None
     response_started: bool = False
+    # The wire code of the refusal the guard answered with, if it refused.
+    refusal: str | None = None
+    # Set by the audit layer: commits the call's start; the gate awaits it just before the app.
+    audit_start: Callable[[], Awaitable[None]] | None = None
+    audit_start_id: str | None = None
 
 
 def state_of(scope: Scope) -> RequestState:

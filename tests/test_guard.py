@@ -27,6 +27,7 @@ from mcpguard import (
     open_store,
     stack_names,
 )
+from mcpguard.audit import SQLiteAuditStore
 from mcpguard.keys import generate_key
 from tests.conftest import free_port, serve
 
@@ -197,7 +198,8 @@ def test_stack_order_is_decided_in_one_place() -> None:
 
         return make
 
-    guard = build_guard(RecordingApp(), GuardConfig(), rate_limit=slot("rate_limit"), audit=slot("audit"))
+    store = SQLiteAuditStore(":memory:")
+    guard = build_guard(RecordingApp(), GuardConfig(), rate_limit=slot("rate_limit"), audit=store)
     assert stack_names(guard) == [
         "entry",
         "audit",
@@ -209,8 +211,11 @@ def test_stack_order_is_decided_in_one_place() -> None:
         "tenant",
         "sessions",
         "rate_limit",
+        "audit_api",
         "scopes",
+        "audit_start",
     ]
+    asyncio.run(store.close())
 
 
 @pytest.mark.parametrize(

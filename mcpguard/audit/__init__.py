@@ -1,0 +1,23 @@
+"""The body-free audit trail: events, the recording layers, the query API and its stores."""
+
+from __future__ import annotations
+
+from mcpguard.audit.api import TOOL_CALLS_PATH, AuditAPI
+from mcpguard.audit.events import AuditEvent, new_event_id
+from mcpguard.audit.query import AuditPage, AuditQuery, parse_query
+from mcpguard.audit.recorder import AuditGate, AuditLayer, AuditStore
+from mcpguard.audit.sqlite_store import SQLiteAuditStore
+
+__all__ = [
+    "TOOL_CALLS_PATH",
+    "AuditAPI",
+    "AuditEvent",
+    "AuditGate",
+    "AuditLayer",
+    "AuditPage",
+    "AuditQuery",
+    "AuditStore",
+    "SQLiteAuditStore",
+    "new_event_id",
+    "parse_query",
+]

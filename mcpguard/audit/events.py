@@ -1,0 +1,86 @@
+"""What the audit trail records about a call: who, which tenant, what method and tool, how it ended.
+
+``AuditEvent`` has no field that could hold a request's arguments or a tool's results: the trail is
+body-free by type. A forwarded call is two entries, its start (written before the call leaves) and its
+end (naming the start); a call the guard answered itself is one ``local`` entry. Nothing is updated.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+__all__ = ["AuditEvent", "Decision", "Phase", "new_event_id", "reason_for"]
+
+Phase = Literal["start", "end", "local"]
+Decision = Literal["allowed", "denied"]
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+USER_AGENT_LIMIT = 256
+
+# The refusal's wire code, reduced to the reasons a reviewer filters by.
+_REASONS = {
+    "unauthorized": "auth",
+    "invalid_token": "auth",
+    "insufficient_scope": "scope",
+    "rate_limited": "rate",
+    "tenant_mismatch": "tenant",
+    "session_not_found": "session",
+    "origin_not_allowed": "origin",
+    "misdirected_request": "origin",
+    "invalid_request": "invalid",
+    "request_too_large": "invalid",
+    "method_not_allowed": "invalid",
+    "temporarily_unavailable": "unavailable",
+    "bad_gateway": "upstream",
+    "gateway_timeout": "upstream",
+}
+
+
+def reason_for(error_code: str) -> str:
+    """The audit reason for a refusal's wire code."""
+    return _REASONS.get(error_code, "policy")
+
+
+def new_event_id(now: float | None = None) -> str:
+    """A 26-character id that sorts by time (48-bit milliseconds, then 80 random bits), like a ULID."""
+    millis = int((time.time() if now is None else now) * 1000)
+    value = (millis << 80) | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEvent:
+    """One entry of the audit trail; there is deliberately nowhere to put arguments or results."""
+
+    id: str
+    at: datetime
+    phase: Phase
+    start_id: str | None = None
+    tenant: str | None = None
+    subject: str | None = None
+    credential_id: str | None = None
+    client_id: str | None = None
+    session: str | None = None
+    rpc_method: str | None = None
+    tool: str | None = None
+    http_method: str = ""
+    path: str = ""
+    status: int | None = None
+    rpc_error: int | None = None
+    tool_error: bool | None = None
+    decision: Decision | None = None
+    reason: str | None = None
+    duration_ms: float | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
+    trace_id: str | None = None
+    user_agent: str | None = None
+
+    @staticmethod
+    def now() -> datetime:
+        """The current time, as events record it (UTC)."""
+        return datetime.now(UTC)

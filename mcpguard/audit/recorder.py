@@ -1,0 +1,238 @@
+"""Recording every request through the guard: a durable start before a call is forwarded, then its end.
+
+``AuditLayer`` sits just inside the entry, so it sees every outcome (401/403/429 included, and the
+refusal's reason); ``AuditGate`` sits just before the app, so a start is written only for a call that
+really is forwarded, and is committed before it leaves. Neither ever reads a body into the trail: the
+answer is only scanned for the JSON-RPC error code and the tool's ``isError`` flag.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
+from mcpguard.audit.query import AuditPage, AuditQuery
+from mcpguard.request_state import RequestState, state_of
+from mcpguard.sse import EventSplitter, event_data
+
+__all__ = ["AuditGate", "AuditLayer", "AuditStore"]
+
+logger = logging.getLogger("mcpguard.audit")
+
+_SCAN_LIMIT = 1024 * 1024
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+class AuditStore(Protocol):
+    """Where the trail is kept; appends are the only writes (retention aside)."""
+
+    async def append(self, event: AuditEvent, *, durable: bool) -> None:
+        """Queue ``event``; with ``durable``, return once it would survive the process being killed."""
+
+    async def query(self, q: AuditQuery) -> AuditPage:
+        """Calls matching ``q``, newest first."""
+
+    async def close(self) -> None:
+        """Flush and release."""
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the answer said, scanned as it streams past (never kept)."""
+
+    rpc_id: Any
+    status: int | None = None
+    bytes_out: int = 0
+    rpc_error: int | None = None
+    tool_error: bool | None = None
+    sse: bool = False
+    found: bool = False
+    scanned: int = 0
+    buffer: bytearray | None = None
+    splitter: EventSplitter | None = None
+
+    def start(self, message: Message) -> None:
+        self.status = message["status"]
+        content_type = b""
+        for key, value in message.get("headers", []):
+            if key.lower() == b"content-type":
+                content_type = value.lower()
+        if self.rpc_id is None:
+            return
+        if content_type.startswith(b"text/event-stream"):
+            self.sse, self.splitter = True, EventSplitter()
+        elif content_type.startswith(b"application/json"):
+            self.buffer = bytearray()
+
+    def body(self, chunk: bytes, more: bool) -> None:
+        self.bytes_out += len(chunk)
+        if self.found or self.scanned > _SCAN_LIMIT:
+            return
+        self.scanned += len(chunk)
+        if self.splitter is not None:
+            for event in self.splitter.feed(chunk):
+                _, data = event_data(event)
+                if data is not None:
+                    self._read(data)
+        elif self.buffer is not None:
+            self.buffer += chunk
+            if not more:
+                self._read(bytes(self.buffer))
+                self.buffer = None
+
+    def _read(self, data: str | bytes) -> None:
+        try:
+            payload = json.loads(data)
+        except ValueError:
+            return
+        if not isinstance(payload, dict) or payload.get("id") != self.rpc_id:
+            return
+        self.found = True
+        error = payload.get("error")
+        if isinstance(error, dict) and isinstance(error.get("code"), int):
+            self.rpc_error = error["code"]
+        result = payload.get("result")
+        if isinstance(result, dict) and isinstance(result.get("isError"), bool):
+            self.tool_error = result["isError"]
+
+
+class AuditLayer:
+    """Writes one entry per request the guard answers itself, and the end of each call it forwards."""
+
+    name = "audit"
+
+    def __init__(self, app: ASGIApp, store: AuditStore, *, clock: Callable[[], float] = time.time) -> None:
+        self.app = app
+        self._store = store
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = state_of(scope)
+        began = time.perf_counter()
+        received = 0
+        outcome = _Outcome(rpc_id=None)
+        store = self._store
+
+        async def counting_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            return message
+
+        async def observing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                outcome.rpc_id = state.message.id if state.message is not None else None
+                outcome.start(message)
+            elif message["type"] == "http.response.body":
+                outcome.body(message.get("body", b""), message.get("more_body", False))
+            await send(message)
+
+        async def start_call() -> None:
+            event_id = new_event_id(self._clock())
+            event = self._event(scope, state, "start", event_id, bytes_in=len(state.body or b""))
+            await store.append(event, durable=True)
+            state.audit_start_id = event_id
+
+        state.audit_start = start_call
+        try:
+            await self.app(scope, counting_receive, observing_send)
+        finally:
+            # Written even when the app raised or the client left: a trail must not have gaps.
+            elapsed = (time.perf_counter() - began) * 1000
+            phase = "end" if state.audit_start_id is not None else "local"
+            event = self._event(
+                scope,
+                state,
+                phase,
+                new_event_id(self._clock()),
+                start_id=state.audit_start_id,
+                outcome=outcome,
+                duration_ms=round(elapsed, 3),
+                bytes_in=received,
+            )
+            try:
+                await store.append(event, durable=False)
+            except Exception:  # the answer is already on its way; losing it silently is not an option
+                logger.exception("could not record the end of a call in the audit trail")
+
+    def _event(
+        self,
+        scope: Scope,
+        state: RequestState,
+        phase: str,
+        event_id: str,
+        *,
+        start_id: str | None = None,
+        outcome: _Outcome | None = None,
+        duration_ms: float | None = None,
+        bytes_in: int | None = None,
+    ) -> AuditEvent:
+        principal, message = state.principal, state.message
+        session = _header(scope, b"mcp-session-id")
+        user_agent = _header(scope, b"user-agent")
+        traceparent = _TRACEPARENT.fullmatch(_header(scope, b"traceparent") or "")
+        refused = state.refusal
+        status = outcome.status if outcome is not None else None
+        decision = None
+        if phase != "start":
+            # An upstream failure is an allowed call that went wrong, not a refusal.
+            denied = refused is not None and refused not in ("bad_gateway", "gateway_timeout")
+            decision = "denied" if denied else "allowed"
+        return AuditEvent(
+            id=event_id,
+            at=datetime.fromtimestamp(self._clock(), UTC),
+            phase=phase,  # type: ignore[arg-type]  # one of the three phases, chosen above
+            start_id=start_id,
+            tenant=principal.tenant if principal is not None else None,
+            subject=principal.subject if principal is not None else None,
+            credential_id=principal.credential_id if principal is not None else None,
+            client_id=principal.client_id if principal is not None else None,
+            session=hashlib.sha256(session.encode()).hexdigest()[:32] if session else None,
+            rpc_method=message.method if message is not None else None,
+            tool=message.name if message is not None and message.method == "tools/call" else None,
+            http_method=scope["method"],
+            path=scope["path"],
+            status=status,
+            rpc_error=outcome.rpc_error if outcome is not None else None,
+            tool_error=outcome.tool_error if outcome is not None else None,
+            decision=decision,  # type: ignore[arg-type]  # allowed, denied or None, chosen above
+            reason=reason_for(refused) if refused is not None else None,
+            duration_ms=duration_ms,
+            bytes_in=bytes_in,
+            bytes_out=outcome.bytes_out if outcome is not None else None,
+            trace_id=traceparent.group(1) if traceparent else None,
+            user_agent=user_agent[:USER_AGENT_LIMIT] if user_agent else None,
+        )
+
+
+class AuditGate:
+    """Just before the app: commit the call's start, then let it through (a failed write refuses the call)."""
+
+    name = "audit_start"
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        start: Callable[[], Awaitable[None]] | None = state_of(scope).audit_start
+        if start is not None:
+            await start()
+        await self.app(scope, receive, send)
