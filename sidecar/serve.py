@@ -29,6 +29,10 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
     if settings.upstream_cmd is not None:
         stdio = StdioSettings(
             argv=settings.upstream_argv,
+            env=dict(settings.stdio_env),
+            cwd=settings.stdio_cwd,
+            max_sessions=settings.stdio_max_sessions,
+            idle_timeout=settings.stdio_idle_timeout,
             read_timeout=settings.upstream_timeout,
             max_message_bytes=settings.max_response_bytes,
         )

@@ -12,7 +12,7 @@ import re
 import shlex
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -92,6 +92,10 @@ class SidecarSettings:
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     upstream_bearer_env: str | None = None
     upstream_bearer_file: str | None = None
+    stdio_max_sessions: int = 64
+    stdio_idle_timeout: float = 30 * 60.0
+    stdio_env: Mapping[str, str] = field(default_factory=dict)
+    stdio_cwd: str | None = None
     upstream_timeout: float = 300.0
     connect_timeout: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
@@ -124,9 +128,10 @@ class SidecarSettings:
             raise _InvalidSettings(issues)
 
     def __repr__(self) -> str:
-        # Static upstream headers often carry an API key: show their names only.
+        # Static upstream headers and a stdio server's environment often carry an API key: show their names only.
         shown = {f.name: getattr(self, f.name) for f in fields(self)}
         shown["upstream_headers"] = dict.fromkeys(self.upstream_headers, "***")
+        shown["stdio_env"] = dict.fromkeys(self.stdio_env, "***")
         return "SidecarSettings(" + ", ".join(f"{name}={value!r}" for name, value in shown.items()) + ")"
 
     @property
@@ -292,6 +297,23 @@ class SidecarSettings:
         if self.upstream_cmd is not None:
             for name in ("upstream_headers", *bearer):
                 check(name, not getattr(self, name), "applies to an HTTP upstream, but upstream_cmd is set")
+            # A stdio server is sent no headers, so an assertion would be signed for nobody and silently dropped.
+            for name in signing:
+                issues.append(_Issue((name,), "identity assertions need an HTTP upstream, but upstream_cmd is set"))
+        else:
+            for stdio in (f for f in fields(self) if f.name.startswith("stdio_")):
+                default = stdio.default_factory() if stdio.default_factory is not MISSING else stdio.default
+                if getattr(self, stdio.name) != default:
+                    message = "applies to a stdio upstream, but upstream_cmd is not set"
+                    issues.append(_Issue((stdio.name,), message, depends=("upstream_cmd",)))
+        check("stdio_max_sessions", self.stdio_max_sessions >= 1, "must be at least 1")
+        check("stdio_idle_timeout", self.stdio_idle_timeout > 0, "must be greater than 0")
+        for name, value in self.stdio_env.items():
+            check("stdio_env", bool(_ENV_NAME.fullmatch(name)), f"{name!r} is not a variable name")
+            # The value is never quoted back: it is often a credential.
+            check("stdio_env", "\0" not in value, f"the value of {name!r} has a NUL character")
+        if self.stdio_cwd is not None:
+            check("stdio_cwd", bool(self.stdio_cwd.strip()), "must not be blank")
         if self.upstream_bearer_env is not None:
             check("upstream_bearer_env", bool(_ENV_NAME.fullmatch(self.upstream_bearer_env)), "not a variable name")
         if self.upstream_bearer_file is not None:

@@ -1,17 +1,20 @@
-"""Shared fixtures: real servers on 127.0.0.1 and cheap argon2 parameters."""
+"""Shared fixtures: real servers on 127.0.0.1, cheap argon2 parameters and keys made with them."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import argon2
 import pytest
 import uvicorn
 from starlette.types import ASGIApp
+
+from mcpguard import KeyRing, KeyStore
 
 
 def free_port() -> int:
@@ -46,3 +49,22 @@ def serve(app: ASGIApp, port: int | None = None) -> Iterator[str]:
 def cheap_hasher() -> argon2.PasswordHasher:
     """argon2id with the cheapest parameters: tests check behaviour, not cost."""
     return argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
+
+
+def cheap_keyring(store: KeyStore) -> KeyRing:
+    """A key ring over ``store`` hashing with the cheapest argon2 parameters."""
+    return KeyRing(store=store, hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST))
+
+
+def make_keys(store: KeyStore, specs: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, str]:
+    """One new key in ``store`` per label of ``specs`` (label → tenant, scopes), named by its label; label → key."""
+
+    async def create() -> dict[str, str]:
+        ring = cheap_keyring(store)
+        keys: dict[str, str] = {}
+        for label, (tenant, scopes) in specs.items():
+            keys[label], _ = await ring.create(tenant=tenant, scopes=scopes, name=label)
+        await ring.aclose()
+        return keys
+
+    return asyncio.run(create())

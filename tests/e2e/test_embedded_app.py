@@ -10,15 +10,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import argon2
 import httpx2
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from mcpguard import KeyRing, open_store
-from tests.conftest import free_port, serve
+from mcpguard import open_store
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "embedded_app.py"
 MODES = ["legacy", "auto"]
@@ -45,25 +44,18 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     state = f"sqlite:///{tmp_path_factory.mktemp('state') / 'mcpguard.db'}"
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-
-    async def make_keys() -> dict[str, str]:
-        admin_ring = KeyRing(store=open_store(state), hasher=hasher)
-        keys = {}
-        for label, tenant, scopes in [
-            ("read", "acme", ["mcp:read"]),
-            ("write", "acme", ["mcp:read", "mcp:write"]),
-            ("admin", "acme", ["mcp:admin"]),
-            ("other", "globex", ["mcp:admin"]),
-        ]:
-            keys[label], _ = await admin_ring.create(tenant=tenant, scopes=scopes, name=label)
-        await admin_ring.aclose()
-        return keys
-
-    keys = asyncio.run(make_keys())
+    keys = make_keys(
+        open_store(state),
+        {
+            "read": ("acme", ["mcp:read"]),
+            "write": ("acme", ["mcp:read", "mcp:write"]),
+            "admin": ("acme", ["mcp:admin"]),
+            "other": ("globex", ["mcp:admin"]),
+        },
+    )
     example = _load_example()
     port = free_port()
-    server_ring = KeyRing(store=open_store(state), hasher=hasher)
+    server_ring = cheap_keyring(open_store(state))
     app = example.create_app(state=state, public_url=f"http://127.0.0.1:{port}", keys=server_ring)
     with serve(app, port) as url:
         yield Deployment(url, keys)

@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import argon2
 import httpx
 import pytest
 from starlette.types import Message, Receive, Scope, Send
 
-from mcpguard import GuardConfig, KeyRing, open_store
+from mcpguard import GuardConfig, open_store
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
-from tests.conftest import free_port, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 
 MODERN = {
     "Accept": "application/json, text/event-stream",
@@ -85,23 +83,14 @@ class Pinned:
 def pinned() -> Iterator[Pinned]:
     capture = BodyCapture(http_app())
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-
-    async def make() -> dict[str, str]:
-        ring = KeyRing(store=store, hasher=hasher)
-        return {
-            "acme": (await ring.create(tenant="acme", scopes=["mcp:write"]))[0],
-            "globex": (await ring.create(tenant="globex", scopes=["mcp:write"]))[0],
-        }
-
-    keys = asyncio.run(make())
+    keys = make_keys(store, {"acme": ("acme", ["mcp:write"]), "globex": ("globex", ["mcp:write"])})
     with serve(capture) as upstream:
         port = free_port()
         app = build_sidecar(
             config=GuardConfig(public_url=f"http://127.0.0.1:{port}", tenant_argument="tenant_id"),
             proxy=ProxySettings(upstream=f"{upstream}/mcp"),
             store=store,
-            keys=KeyRing(store=store, hasher=hasher),
+            keys=cheap_keyring(store),
         )
         with serve(app, port) as url:
             yield Pinned(url, capture, keys)

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import argon2
 import httpx
 import httpx2
 import jwt
@@ -23,11 +22,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import AssertionSigner, GuardConfig, KeyRing, open_store
+from mcpguard import AssertionSigner, GuardConfig, open_store
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
-from tests.conftest import free_port, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 
 MODES = ["legacy", "auto"]
 UPSTREAM_SECRET = "upstream-credential-not-for-clients"
@@ -61,21 +60,15 @@ class Stack:
 def stack() -> Iterator[Stack]:
     capture = Capture(http_app())
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-
-    async def make() -> dict[str, str]:
-        ring = KeyRing(store=store, hasher=hasher)
-        keys = {}
-        for label, tenant, scopes in [
-            ("read", "acme", ["mcp:read"]),
-            ("write", "acme", ["mcp:write"]),
-            ("admin", "acme", ["mcp:admin"]),
-            ("globex", "globex", ["mcp:admin"]),
-        ]:
-            keys[label], _ = await ring.create(tenant=tenant, scopes=scopes, name=label)
-        return keys
-
-    keys = asyncio.run(make())
+    keys = make_keys(
+        store,
+        {
+            "read": ("acme", ["mcp:read"]),
+            "write": ("acme", ["mcp:write"]),
+            "admin": ("acme", ["mcp:admin"]),
+            "globex": ("globex", ["mcp:admin"]),
+        },
+    )
     with serve(capture) as upstream:
         port = free_port()
         app = build_sidecar(
@@ -86,7 +79,7 @@ def stack() -> Iterator[Stack]:
                 read_timeout=5,
             ),
             store=store,
-            keys=KeyRing(store=store, hasher=hasher),
+            keys=cheap_keyring(store),
         )
         with serve(app, port) as url:
             yield Stack(url, upstream, capture, keys)
@@ -239,14 +232,13 @@ def test_health_and_readiness(stack: Stack) -> None:
 def lone_sidecar(proxy: ProxySettings) -> Iterator[tuple[str, str]]:
     """A sidecar with one admin key in front of ``proxy.upstream``; yields its URL and the key."""
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:admin"]))
+    key = make_keys(store, {"admin": ("acme", ["mcp:admin"])})["admin"]
     port = free_port()
     app = build_sidecar(
         config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
         proxy=proxy,
         store=store,
-        keys=KeyRing(store=store, hasher=hasher),
+        keys=cheap_keyring(store),
     )
     with serve(app, port) as url:
         yield url, key
@@ -310,8 +302,7 @@ def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
     signing_key = Ed25519PrivateKey.generate()
     capture = Capture(http_app())
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:read"], name="ci"))
+    key = make_keys(store, {"ci": ("acme", ["mcp:read"])})["ci"]
     with serve(capture) as upstream:
         port = free_port()
         origin = f"http://127.0.0.1:{port}"
@@ -320,7 +311,7 @@ def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
             config=GuardConfig(public_url=origin),
             proxy=ProxySettings(upstream=f"{upstream}/mcp"),
             store=store,
-            keys=KeyRing(store=store, hasher=hasher),
+            keys=cheap_keyring(store),
             assertions=signer,
         )
         with serve(app, port) as url:

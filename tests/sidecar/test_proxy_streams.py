@@ -8,15 +8,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import argon2
 import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import GuardConfig, KeyRing, open_store
+from mcpguard import GuardConfig, open_store
 from sidecar.app import build_sidecar
 from sidecar.proxy import ProxySettings
-from tests.conftest import free_port, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 
 EVENTS = 5
 GAP = 0.15
@@ -67,15 +66,14 @@ class Rig:
 def rig() -> Iterator[Rig]:
     upstream = Upstream()
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-    key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme", scopes=["mcp:admin"]))
+    key = make_keys(store, {"admin": ("acme", ["mcp:admin"])})["admin"]
     with serve(upstream) as direct:
         port = free_port()
         app = build_sidecar(
             config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
             proxy=ProxySettings(upstream=f"{direct}/mcp", max_response_bytes=CAP),
             store=store,
-            keys=KeyRing(store=store, hasher=hasher),
+            keys=cheap_keyring(store),
         )
         with serve(app, port) as url:
             yield Rig(direct, url, upstream, key)

@@ -11,7 +11,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcpguard import GuardConfig
+from sidecar.serve import sidecar_from_settings
 from sidecar.settings import SettingsError, SidecarSettings, load_settings
+from sidecar.stdio_upstream import StdioUpstream
 
 UPSTREAM = "http://127.0.0.1:9000/mcp"
 TOKEN = "canary-7f3a9c1e-upstream-token"
@@ -251,6 +253,89 @@ class TestUpstream:
         assert problems == [
             "--upstream-headers: applies to an HTTP upstream, but upstream_cmd is set",
             "--upstream-bearer-env: applies to an HTTP upstream, but upstream_cmd is set",
+        ]
+
+
+class TestStdioSettings:
+    def test_stdio_settings_load_from_every_layer(self, tmp_path: Path) -> None:
+        """Session cap, idle timeout, environment and working directory load from TOML, env and flags."""
+        defaults = load(upstream_cmd="server")
+        assert (defaults.stdio_max_sessions, defaults.stdio_idle_timeout) == (64, 1800.0)
+        assert (defaults.stdio_env, defaults.stdio_cwd) == ({}, None)
+        config = write_toml(tmp_path, 'upstream_cmd = "server"\nstdio_cwd = "/srv/mcp"\n[stdio_env]\nMODE = "ro"\n')
+        env = {"MCPGUARD_STDIO_IDLE_TIMEOUT": "90", "MCPGUARD_STDIO_ENV": '{"MODE": "rw", "DEBUG": "1"}'}
+        settings = load(config_file=config, env=env, stdio_max_sessions="8")
+        assert (settings.stdio_max_sessions, settings.stdio_idle_timeout) == (8, 90.0)
+        assert settings.stdio_env == {"MODE": "rw", "DEBUG": "1"}
+        assert settings.stdio_cwd == "/srv/mcp"
+
+    def test_stdio_settings_reach_the_process_settings(self) -> None:
+        """The sidecar built from the settings runs its stdio server with exactly these limits and surroundings."""
+        settings = load(
+            upstream_cmd="server --flag",
+            state="memory://",
+            stdio_max_sessions=3,
+            stdio_idle_timeout=45,
+            stdio_env={"MODE": "ro"},
+            stdio_cwd="/srv/mcp",
+        )
+        upstream = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"}).proxy
+        assert isinstance(upstream, StdioUpstream)
+        stdio = upstream.settings
+        assert (stdio.argv, stdio.max_sessions, stdio.idle_timeout) == (("server", "--flag"), 3, 45.0)
+        assert (dict(stdio.env), stdio.cwd) == ({"MODE": "ro"}, "/srv/mcp")
+
+    def test_stdio_env_values_are_never_shown(self) -> None:
+        """Environment values for the stdio server stay out of the repr and of problems; only names appear."""
+        settings = load(upstream_cmd="server", stdio_env={"API_KEY": TOKEN})
+        assert TOKEN not in repr(settings)
+        assert "API_KEY" in repr(settings)
+        problems = problems_of(upstream_cmd="server", env={"MCPGUARD_STDIO_ENV": f'{{"API_KEY": "{TOKEN}\\u0000"}}'})
+        assert problems == ["MCPGUARD_STDIO_ENV: the value of 'API_KEY' has a NUL character"]
+
+    def test_bad_stdio_values_are_reported_together(self) -> None:
+        """A cap below 1, a non-positive idle timeout, a bad variable name and a blank directory: four problems."""
+        problems = problems_of(
+            upstream_cmd="server",
+            stdio_max_sessions=0,
+            env={"MCPGUARD_STDIO_IDLE_TIMEOUT": "0", "MCPGUARD_STDIO_ENV": '{"NOT-A-NAME": "1"}'},
+            stdio_cwd="  ",
+        )
+        assert problems == [
+            "--stdio-max-sessions: must be at least 1",
+            "MCPGUARD_STDIO_IDLE_TIMEOUT: must be greater than 0",
+            "MCPGUARD_STDIO_ENV: 'NOT-A-NAME' is not a variable name",
+            "--stdio-cwd: must not be blank",
+        ]
+
+    def test_stdio_settings_need_a_stdio_upstream(self) -> None:
+        """Every stdio_* setting given for an HTTP upstream would be silently unused, so each is a problem."""
+        problems = problems_of(
+            upstream=UPSTREAM,
+            env={"MCPGUARD_STDIO_MAX_SESSIONS": "8", "MCPGUARD_STDIO_ENV": '{"MODE": "ro"}'},
+            stdio_idle_timeout=60,
+            stdio_cwd="/srv/mcp",
+        )
+        assert problems == [
+            f"{source}: applies to a stdio upstream, but upstream_cmd is not set"
+            for source in ("MCPGUARD_STDIO_MAX_SESSIONS", "--stdio-idle-timeout", "MCPGUARD_STDIO_ENV", "--stdio-cwd")
+        ]
+
+    def test_stdio_conflict_is_moot_when_the_command_is_broken(self, tmp_path: Path) -> None:
+        """A stdio setting beside an unreadable upstream_cmd is reported only through the command itself."""
+        config = write_toml(tmp_path, "upstream_cmd = 5\nstdio_max_sessions = 8\n")
+        assert problems_of(config_file=config) == [f"{config}: upstream_cmd: expected a string"]
+
+    def test_assertions_need_an_http_upstream(self) -> None:
+        """A stdio server receives no headers, so signing settings beside upstream_cmd are problems, with the others."""
+        problems = problems_of(upstream_cmd="server", assertion_secret_env="SIGNING", stdio_idle_timeout=-1)
+        assert problems == [
+            "--assertion-secret-env: identity assertions need an HTTP upstream, but upstream_cmd is set",
+            "--stdio-idle-timeout: must be greater than 0",
+        ]
+        problems = problems_of(env={"MCPGUARD_UPSTREAM_CMD": "server", "MCPGUARD_ASSERTION_KEY_FILE": "/k.pem"})
+        assert problems == [
+            "MCPGUARD_ASSERTION_KEY_FILE: identity assertions need an HTTP upstream, but upstream_cmd is set"
         ]
 
 

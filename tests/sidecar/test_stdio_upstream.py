@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import argon2
 import httpx
 import httpx2
 import pytest
@@ -21,10 +20,10 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 
-from mcpguard import GuardConfig, KeyRing, open_store
+from mcpguard import GuardConfig, open_store
 from sidecar.app import SidecarApp, build_stdio_sidecar
 from sidecar.stdio_upstream import StdioSettings, StdioUpstream
-from tests.conftest import free_port, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = (sys.executable, "-m", "sidecar.demo_server", "--stdio")
@@ -49,22 +48,13 @@ class Stack:
 def stdio_sidecar(settings: StdioSettings, labels: dict[str, tuple[str, str]]) -> Iterator[Stack]:
     """A sidecar in front of ``settings.argv`` with one key per label (tenant, scope), served on a real socket."""
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
-
-    async def make() -> dict[str, str]:
-        ring = KeyRing(store=store, hasher=hasher)
-        return {
-            label: (await ring.create(tenant=tenant, scopes=[scope], name=label))[0]
-            for label, (tenant, scope) in labels.items()
-        }
-
-    keys = asyncio.run(make())
+    keys = make_keys(store, {label: (tenant, [scope]) for label, (tenant, scope) in labels.items()})
     port = free_port()
     app: SidecarApp = build_stdio_sidecar(
         config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
         stdio=settings,
         store=store,
-        keys=KeyRing(store=store, hasher=hasher),
+        keys=cheap_keyring(store),
     )
     assert isinstance(app.proxy, StdioUpstream)
     with serve(app, port) as url:
