@@ -15,7 +15,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.types import ToolAnnotations
 from starlette.types import ASGIApp
 
-from mcpguard import GuardConfig, KeyRing, MCPGuard, current_principal, open_store
+from mcpguard import GuardConfig, KeyRing, MCPGuard, SQLiteAuditStore, current_principal, open_store
 
 server = MCPServer("notes")
 _notes: dict[str, list[str]] = defaultdict(list)
@@ -51,11 +51,13 @@ def delete_all_notes() -> int:
     return count
 
 
-def create_app(*, state: str, public_url: str, keys: KeyRing | None = None) -> ASGIApp:
+def create_app(
+    *, state: str, public_url: str, keys: KeyRing | None = None, audit: SQLiteAuditStore | None = None
+) -> ASGIApp:
     """The notes server wrapped by the guard, with keys from ``state`` unless a key ring is given."""
     keyring = keys if keys is not None else KeyRing(store=open_store(state))
     config = GuardConfig(public_url=public_url)
-    return MCPGuard(server.streamable_http_app(host="127.0.0.1"), config, keys=keyring)
+    return MCPGuard(server.streamable_http_app(host="127.0.0.1"), config, keys=keyring, audit=audit)
 
 
 def main() -> None:
@@ -63,7 +65,8 @@ def main() -> None:
     state = os.environ.get("MCPGUARD_STATE", "./mcpguard.db")
     url = state if "://" in state else f"sqlite:///{state}"
     port = int(os.environ.get("PORT", "8000"))
-    app = create_app(state=url, public_url=f"http://127.0.0.1:{port}")
+    audit = SQLiteAuditStore(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    app = create_app(state=url, public_url=f"http://127.0.0.1:{port}", audit=audit)
     uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mcpguard.assertions import ASSERTION_HEADER, AssertionSigner
+from mcpguard.audit import AuditEvent, AuditQuery, AuditStore, SQLiteAuditStore, parse_query
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import (
     AuthenticationRequired,
@@ -39,6 +40,9 @@ __all__ = [
     "ASSERTION_HEADER",
     "AUDIT",
     "AssertionSigner",
+    "AuditEvent",
+    "AuditQuery",
+    "AuditStore",
     "AuthenticationRequired",
     "ConfigError",
     "CredentialKind",
@@ -65,6 +69,7 @@ __all__ = [
     "RateLimited",
     "RateLimits",
     "RequestState",
+    "SQLiteAuditStore",
     "ScopePolicy",
     "SessionBindings",
     "SessionNotFound",
@@ -83,6 +88,7 @@ __all__ = [
     "current_principal",
     "open_limiter_storage",
     "open_store",
+    "parse_query",
     "rate_limit_factory",
     "send_json",
     "stack_names",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from limits.aio.storage import Storage
@@ -108,6 +109,7 @@ def build_guard(
     failed_auth: FailedAuthLimiter | None = None,
     rate_limit: Layer | None = None,
     audit: AuditStore | None = None,
+    audit_retention: timedelta | None = None,
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
@@ -150,7 +152,7 @@ def build_guard(
     inner = PublicRoutes(inner, config)
     inner = ErrorLayer(inner, config)
     if audit is not None:
-        inner = AuditLayer(inner, audit)
+        inner = AuditLayer(inner, audit, retention=audit_retention)
     return EntryLayer(inner, config, wrapped=app)
 
 
@@ -193,6 +195,7 @@ class MCPGuard:
         rate_limit_store: str = "memory://",
         failed_auth_limit: str = "20/minute",
         audit: AuditStore | None = None,
+        audit_retention: timedelta | None = timedelta(days=90),
     ) -> None:
         self.config = config if config is not None else GuardConfig()
         storage = open_limiter_storage(rate_limit_store)
@@ -205,6 +208,7 @@ class MCPGuard:
             failed_auth=FailedAuthLimiter(storage, limit=failed_auth_limit),
             rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
             audit=audit,
+            audit_retention=audit_retention,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

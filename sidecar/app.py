@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import aiohttp
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard import (
     AssertionSigner,
+    AuditStore,
     FailedAuthLimiter,
     GuardConfig,
     KeyRing,
@@ -80,6 +83,8 @@ def _assemble(
     assertions: AssertionSigner | None,
     rate_limits: RateLimits | None,
     rate_limit_store: str,
+    audit: AuditStore | None,
+    audit_retention: timedelta | None,
 ) -> SidecarApp:
     catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
     storage = open_limiter_storage(rate_limit_store)
@@ -92,6 +97,8 @@ def _assemble(
         assertions=assertions,
         failed_auth=FailedAuthLimiter(storage),
         rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
+        audit=audit,
+        audit_retention=audit_retention,
     )
     return SidecarApp(guard, upstream, store)
 
@@ -107,6 +114,8 @@ def build_sidecar(
     assertions: AssertionSigner | None = None,
     rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
     rate_limit_store: str = "memory://",
+    audit: AuditStore | None = None,
+    audit_retention: timedelta | None = timedelta(days=90),
 ) -> SidecarApp:
     """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself."""
     return _assemble(
@@ -119,6 +128,8 @@ def build_sidecar(
         assertions=assertions,
         rate_limits=rate_limits,
         rate_limit_store=rate_limit_store,
+        audit=audit,
+        audit_retention=audit_retention,
     )
 
 
@@ -132,6 +143,8 @@ def build_stdio_sidecar(
     annotations_ttl: float = 300.0,
     rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
     rate_limit_store: str = "memory://",
+    audit: AuditStore | None = None,
+    audit_retention: timedelta | None = timedelta(days=90),
 ) -> SidecarApp:
     """The guard in front of ``stdio.argv``, run once per MCP session; annotations come from the server itself."""
     return _assemble(
@@ -144,4 +157,6 @@ def build_stdio_sidecar(
         assertions=None,
         rate_limits=rate_limits,
         rate_limit_store=rate_limit_store,
+        audit=audit,
+        audit_retention=audit_retention,
     )

@@ -19,6 +19,7 @@ from typing import Any, TypeAlias
 import uvloop
 
 from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
+from sidecar.audit_cli import add_audit_command
 from sidecar.hashing import hasher_from_env
 from sidecar.quickstart import add_quickstart_command
 from sidecar.serve import add_sidecar_command
@@ -182,6 +183,7 @@ _COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (
     _add_keys,
     add_sidecar_command,
     add_quickstart_command,
+    add_audit_command,
 )
 
 

@@ -96,6 +96,9 @@ class SidecarSettings:
     stdio_idle_timeout: float = 30 * 60.0
     stdio_env: Mapping[str, str] = field(default_factory=dict)
     stdio_cwd: str | None = None
+    audit: str | None = None
+    audit_retention_days: float = 90.0
+    operator_credentials: tuple[str, ...] = ()
     upstream_timeout: float = 300.0
     connect_timeout: float = 10.0
     max_body_bytes: int = 4 * 1024 * 1024
@@ -161,6 +164,16 @@ class SidecarSettings:
     def state_url(self) -> str:
         """``state`` as a store URL: a bare path means an SQLite file."""
         return self.state if "://" in self.state else f"sqlite:///{self.state}"
+
+    @property
+    def audit_path(self) -> str:
+        """Where the audit trail is written: ``audit``, else the SQLite state file (":memory:" for memory state)."""
+        target = self.audit or self.state_url
+        if target.startswith("sqlite:///"):
+            return target.removeprefix("sqlite:///")
+        if target == "memory://":
+            return ":memory:"
+        return target
 
     def guard_config(self) -> GuardConfig:
         """The library's configuration for the guard in front of the upstream."""
@@ -232,6 +245,7 @@ class SidecarSettings:
                 allowed_hosts=self.allowed_hosts,
                 allowed_origins=self.allowed_origins,
                 tenant_argument=self.tenant_argument,
+                operator_credentials=self.operator_credentials,
             )
         except ConfigError as error:
             raise SettingsError(list(error.problems)) from error
@@ -289,6 +303,13 @@ class SidecarSettings:
         if self.assertion_secret_env is not None:
             check("assertion_secret_env", bool(_ENV_NAME.fullmatch(self.assertion_secret_env)), "not a variable name")
         check("assertion_lifetime", 1 <= self.assertion_lifetime <= 300, "must be between 1 and 300 seconds")
+        check("audit_retention_days", self.audit_retention_days > 0, "must be more than 0")
+        if self.audit is not None:
+            check(
+                "audit",
+                self.audit.startswith("sqlite:///") and len(self.audit) > len("sqlite:///"),
+                "must be sqlite:///PATH (PostgreSQL comes with the scale-out work)",
+            )
         bearer = [n for n in ("upstream_bearer_env", "upstream_bearer_file") if getattr(self, n) is not None]
         if len(bearer) == 2:
             issues.append(_Issue(tuple(bearer), "set at most one of upstream_bearer_env and upstream_bearer_file"))

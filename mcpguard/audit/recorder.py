@@ -8,6 +8,7 @@ answer is only scanned for the JSON-RPC error code and the tool's ``isError`` fl
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -30,6 +31,7 @@ __all__ = ["AuditGate", "AuditLayer", "AuditStore"]
 logger = logging.getLogger("mcpguard.audit")
 
 _SCAN_LIMIT = 1024 * 1024
+_PRUNE_EVERY = 3600.0
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
@@ -41,6 +43,9 @@ class AuditStore(Protocol):
 
     async def query(self, q: AuditQuery) -> AuditPage:
         """Calls matching ``q``, newest first."""
+
+    async def delete_before(self, cutoff: datetime) -> int:
+        """Retention: delete entries older than ``cutoff``; how many."""
 
     async def close(self) -> None:
         """Flush and release."""
@@ -119,12 +124,44 @@ class AuditLayer:
 
     name = "audit"
 
-    def __init__(self, app: ASGIApp, store: AuditStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        store: AuditStore,
+        *,
+        retention: timedelta | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.app = app
         self._store = store
+        self._retention = retention
         self._clock = clock
+        self._pruned_at: float | None = None
+        self._pruning: asyncio.Task[None] | None = None
+
+    def _prune_if_due(self) -> None:
+        # Retention runs beside the traffic, at most once an hour, so no timer or lifespan hook is needed.
+        now = self._clock()
+        if self._retention is None or (self._pruned_at is not None and now - self._pruned_at < _PRUNE_EVERY):
+            return
+        if self._pruning is not None and not self._pruning.done():
+            return
+        self._pruned_at = now
+        cutoff = datetime.fromtimestamp(now, UTC) - self._retention
+        self._pruning = asyncio.get_running_loop().create_task(self._prune(cutoff))
+
+    async def _prune(self, cutoff: datetime) -> None:
+        try:
+            deleted = await self._store.delete_before(cutoff)
+        except Exception:  # retention is retried on the next pass; the traffic must not notice
+            logger.exception("audit retention failed")
+            self._pruned_at = None
+            return
+        if deleted:
+            logger.info("audit retention deleted %d entries older than %s", deleted, cutoff.isoformat())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._prune_if_due()
         state = state_of(scope)
         began = time.perf_counter()
         received = 0
