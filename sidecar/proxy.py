@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from starlette.types import Message, Receive, Scope, Send
+from yarl import URL
 
 from mcpguard import UpstreamTimeout, UpstreamUnavailable, state_of
 
@@ -74,6 +75,7 @@ class UpstreamProxy:
         parts = urlsplit(settings.upstream)
         self._origin = f"{parts.scheme}://{parts.netloc}"
         self._upstream_mcp_path = parts.path or "/"
+        self._mcp_url = URL(self._origin + self._upstream_mcp_path)
         self.settings = settings
         self._inject = [(k.lower().encode(), v.encode("latin-1")) for k, v in settings.inject_headers.items()]
         self._drop = _NEVER_UPSTREAM | {h.lower().encode() for h in settings.drop_headers}
@@ -103,11 +105,13 @@ class UpstreamProxy:
             await self._session.close()
             self._session = None
 
-    def upstream_url(self, scope: Scope) -> str:
+    def upstream_url(self, scope: Scope) -> URL:
         """The upstream URL for this request: the guard's MCP endpoints all map to the upstream's."""
-        path = self._upstream_mcp_path if state_of(scope).is_mcp else scope["path"]
         query = scope.get("query_string", b"")
-        return self._origin + path + (f"?{query.decode('latin-1')}" if query else "")
+        if state_of(scope).is_mcp and not query:
+            return self._mcp_url  # parsed once: the hot path
+        path = self._upstream_mcp_path if state_of(scope).is_mcp else scope["path"]
+        return URL(self._origin + path + (f"?{query.decode('latin-1')}" if query else ""), encoded=False)
 
     def _headers(self, scope: Scope) -> list[tuple[str, str]]:
         headers = [
