@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 from mcpguard.assertions import ASSERTION_HEADER, AssertionSigner
-from mcpguard.audit import AuditEvent, AuditQuery, AuditStore, SQLiteAuditStore, parse_query
+from mcpguard.audit import (
+    AuditEvent,
+    AuditQuery,
+    AuditStore,
+    PostgresAuditStore,
+    SQLiteAuditStore,
+    open_audit_store,
+    parse_query,
+)
+from mcpguard.audit.query import FILTERS as AUDIT_FILTERS
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import (
     AuthenticationRequired,
@@ -31,6 +40,7 @@ from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings
 from mcpguard.stores import open_store
 from mcpguard.stores.base import KeyRecord, KeyStore, Store
+from mcpguard.telemetry import Telemetry, TelemetryLayer, configure_telemetry
 from mcpguard.tokens import JWTVerifier, TokenVerifier
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
 from mcpguard.tool_listing import Exchange, ListingError, asgi_exchange, tool_lister
@@ -39,6 +49,7 @@ __all__ = [
     "ADMIN",
     "ASSERTION_HEADER",
     "AUDIT",
+    "AUDIT_FILTERS",
     "AssertionSigner",
     "AuditEvent",
     "AuditQuery",
@@ -63,6 +74,7 @@ __all__ = [
     "MemorySessionBindings",
     "MethodNotAllowed",
     "PayloadTooLarge",
+    "PostgresAuditStore",
     "Principal",
     "READ",
     "RateLimitLayer",
@@ -75,6 +87,8 @@ __all__ = [
     "SessionNotFound",
     "StorageUnavailable",
     "Store",
+    "Telemetry",
+    "TelemetryLayer",
     "TenantMismatch",
     "TokenVerifier",
     "ToolCatalog",
@@ -85,7 +99,9 @@ __all__ = [
     "asgi_exchange",
     "build_guard",
     "client_ip",
+    "configure_telemetry",
     "current_principal",
+    "open_audit_store",
     "open_limiter_storage",
     "open_store",
     "parse_query",

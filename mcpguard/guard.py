@@ -26,6 +26,7 @@ from mcpguard.responses import send_error
 from mcpguard.routing import Router
 from mcpguard.scopes import ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings, SessionLayer
+from mcpguard.telemetry import Telemetry, TelemetryLayer
 from mcpguard.tenancy import IDENTITY_HEADER_PREFIX, TenantLayer
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
 from mcpguard.tool_listing import asgi_exchange
@@ -110,18 +111,21 @@ def build_guard(
     rate_limit: Layer | None = None,
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = None,
+    telemetry: Telemetry | None = None,
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
-    entry → audit → errors → public → origin → parse → authenticate → tenant → sessions → rate limit →
-    audit API → scopes → pinning (when a tenant argument is configured) → audit start → app.
+    entry → telemetry (when given) → audit → errors → public → origin → parse → authenticate → tenant →
+    sessions → rate limit → audit API → scopes → pinning (when a tenant argument is configured) →
+    audit start → app.
 
     Audit sits outside the error layer so it sees every outcome (401/403/429 included), and its gate
     sits last, so a call's start is committed only when it really is forwarded; Host and Origin
     are checked before anything else is read (DNS rebinding), after the public metadata; parsing comes
     before authentication so nothing is decided on a body the server would read differently; the
     rate limit counts every authenticated call, refused by scope or not. A session is checked against
-    its owner before anything is counted or forwarded under it.
+    its owner before anything is counted or forwarded under it. Telemetry sits outside audit, so a span's
+    duration includes the audit writes, and it reads the outcome the audit records rather than rescanning.
     """
     policy = ScopePolicy(tool_overrides=dict(config.tool_scopes))
     if catalog is None:
@@ -149,10 +153,12 @@ def build_guard(
     )
     inner = ParseLayer(inner, config)
     inner = OriginLayer(inner, config)
-    inner = PublicRoutes(inner, config)
+    inner = PublicRoutes(inner, config, openapi=audit is not None)
     inner = ErrorLayer(inner, config)
     if audit is not None:
         inner = AuditLayer(inner, audit, retention=audit_retention)
+    if telemetry is not None:
+        inner = TelemetryLayer(inner, config, telemetry)
     return EntryLayer(inner, config, wrapped=app)
 
 
@@ -180,7 +186,8 @@ class MCPGuard:
 
     Rate limits are on by default (``RateLimits()``: 100 tool calls a minute per tenant, 20 failed
     authentications a minute per client address), counted in this process unless ``rate_limit_store``
-    names a shared store; ``rate_limits=None`` turns the tenant limit off.
+    names a shared store; ``rate_limits=None`` turns the tenant limit off. Telemetry is off unless
+    ``telemetry`` is given (``Telemetry()`` records to the global OpenTelemetry providers).
     """
 
     def __init__(
@@ -196,6 +203,7 @@ class MCPGuard:
         failed_auth_limit: str = "20/minute",
         audit: AuditStore | None = None,
         audit_retention: timedelta | None = timedelta(days=90),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.config = config if config is not None else GuardConfig()
         storage = open_limiter_storage(rate_limit_store)
@@ -209,6 +217,7 @@ class MCPGuard:
             rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
             audit=audit,
             audit_retention=audit_retention,
+            telemetry=telemetry,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -1,4 +1,4 @@
-"""RFC 9728 protected-resource metadata: how an MCP client finds out where to get a token for us."""
+"""The public routes: RFC 9728 protected-resource metadata, and the audit API's OpenAPI document."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from mcpguard.audit.openapi import OPENAPI_PATH, OpenAPIRoute
 from mcpguard.config import GuardConfig
 from mcpguard.errors import MethodNotAllowed
 from mcpguard.responses import send_json
@@ -23,14 +24,15 @@ def resource_metadata_url(config: GuardConfig, resource_path: str) -> str:
 
 
 class PublicRoutes:
-    """Serves the few public paths (metadata) and sends everything else on to be guarded."""
+    """Serves the few public paths (metadata; the OpenAPI document unless ``openapi`` is false), guards the rest."""
 
     name = "public"
 
-    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
+    def __init__(self, app: ASGIApp, config: GuardConfig, *, openapi: bool = True) -> None:
         self.app = app
         self._config = config
         self._router = Router(config)
+        self._openapi = OpenAPIRoute(config) if openapi else None
 
     def _metadata(self, resource_path: str) -> dict[str, Any]:
         document: dict[str, Any] = {
@@ -53,4 +55,7 @@ class PublicRoutes:
                 cors = [(b"access-control-allow-origin", b"*")]
                 await send_json(send, 200, self._metadata(resource_path), extra_headers=cors)
                 return
+        if path == OPENAPI_PATH and self._openapi is not None:
+            await self._openapi(scope, receive, send)
+            return
         await self.app(scope, receive, send)

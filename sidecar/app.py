@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import aiohttp
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard import (
     AssertionSigner,
@@ -35,12 +35,18 @@ _READY_PROBE_TIMEOUT = 2.0
 class SidecarApp:
     """Answers ``/healthz`` and ``/readyz`` itself and sends everything else through the guard."""
 
-    def __init__(self, guard: ASGIApp, proxy: UpstreamProxy | StdioUpstream, store: Store) -> None:
+    def __init__(
+        self, guard: ASGIApp, proxy: UpstreamProxy | StdioUpstream, store: Store, audit: AuditStore | None = None
+    ) -> None:
         self.guard = guard
         self.proxy = proxy
         self.store = store
+        self.audit = audit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan" and self.audit is not None:
+            await self.guard(scope, receive, self._flush_audit_before_exit(send))
+            return
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             if scope["path"] == "/healthz":
                 await send_json(send, 200, {"status": "ok"})
@@ -52,6 +58,17 @@ class SidecarApp:
                 )
                 return
         await self.guard(scope, receive, send)
+
+    def _flush_audit_before_exit(self, send: Send) -> Send:
+        audit = self.audit
+
+        async def flushing_send(message: Message) -> None:
+            # Entries still queued (ends of the last calls) are committed before the process may exit.
+            if message["type"] == "lifespan.shutdown.complete" and audit is not None:
+                await audit.close()
+            await send(message)
+
+        return flushing_send
 
     async def _readiness(self) -> list[str]:
         problems: list[str] = []
@@ -100,7 +117,7 @@ def _assemble(
         audit=audit,
         audit_retention=audit_retention,
     )
-    return SidecarApp(guard, upstream, store)
+    return SidecarApp(guard, upstream, store, audit)
 
 
 def build_sidecar(

@@ -8,23 +8,23 @@ import json
 import os
 from typing import Any, TypeAlias
 
-from mcpguard import AuditQuery, SQLiteAuditStore, parse_query
+from mcpguard import AUDIT_FILTERS as FILTERS
+from mcpguard import AuditQuery, open_audit_store, parse_query
 
 __all__ = ["add_audit_command"]
 
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-_FILTERS = ("tool", "method", "status", "decision", "subject", "credential", "since", "until", "limit")
 
 
-def _audit_path(args: argparse.Namespace) -> str:
+def _audit_url(args: argparse.Namespace) -> str:
     if args.audit:
-        return str(args.audit).removeprefix("sqlite:///")
+        return str(args.audit) if "://" in args.audit else f"sqlite:///{args.audit}"
     state: str = getattr(args, "state", None) or os.environ.get("MCPGUARD_STATE") or "./mcpguard.db"
-    return state.removeprefix("sqlite:///")
+    return state if "://" in state else f"sqlite:///{state}"
 
 
 def _query(args: argparse.Namespace) -> AuditQuery:
-    params = {name: [str(getattr(args, name))] for name in _FILTERS if getattr(args, name, None) is not None}
+    params = {name: [str(getattr(args, name))] for name in FILTERS if getattr(args, name, None) is not None}
     return parse_query(params, tenant=args.tenant)
 
 
@@ -51,7 +51,7 @@ def _print(calls: list[dict[str, Any]], as_json: bool) -> None:
 
 
 async def _run_query(args: argparse.Namespace) -> int:
-    store = SQLiteAuditStore(_audit_path(args))
+    store = open_audit_store(_audit_url(args))
     try:
         page = await store.query(_query(args))
     finally:
@@ -61,7 +61,7 @@ async def _run_query(args: argparse.Namespace) -> int:
 
 
 async def _run_tail(args: argparse.Namespace) -> int:
-    store = SQLiteAuditStore(_audit_path(args))
+    store = open_audit_store(_audit_url(args))
     seen: set[str] = set()
     first = True
     try:
@@ -80,7 +80,9 @@ async def _run_tail(args: argparse.Namespace) -> int:
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--audit", metavar="PATH", help="the audit SQLite file (default: the state file)")
+    parser.add_argument(
+        "--audit", metavar="URL", help="audit store: SQLite path or URL, or postgresql://… (default: the state file)"
+    )
     parser.add_argument("--tenant", help="one tenant (default: all tenants)")
     parser.add_argument("--tool")
     parser.add_argument("--method", help="JSON-RPC method, e.g. tools/call")

@@ -12,7 +12,7 @@ from typing import TypeAlias
 
 import uvicorn
 
-from mcpguard import AssertionSigner, KeyRing, RateLimits, SQLiteAuditStore, open_store
+from mcpguard import AssertionSigner, KeyRing, RateLimits, open_audit_store, open_store
 from sidecar.app import SidecarApp, build_sidecar, build_stdio_sidecar
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
@@ -44,7 +44,7 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
             keys=KeyRing(store=store, hasher=hasher_from_env(env)),
             annotations_ttl=settings.annotations_ttl,
             rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
-            audit=SQLiteAuditStore(settings.audit_path),
+            audit=open_audit_store(settings.audit_url),
             audit_retention=timedelta(days=settings.audit_retention_days),
         )
     drop = frozenset({settings.api_key_header}) if settings.api_key_header else frozenset()
@@ -70,7 +70,7 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),
         annotations_ttl=settings.annotations_ttl,
         rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
-        audit=SQLiteAuditStore(settings.audit_path),
+        audit=open_audit_store(settings.audit_url),
         audit_retention=timedelta(days=settings.audit_retention_days),
     )
 

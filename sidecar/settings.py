@@ -34,6 +34,8 @@ _LISTEN = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))
 _HOST = re.compile(r"\*|[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 _ORIGIN = re.compile(r"\*|https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?/?")
 _BEARER = re.compile(r"[\x21-\x7e]+")  # visible ASCII: nothing that could split or fold a header
+# The rest of a PostgreSQL URL is libpq's to read: one it cannot is refused when the sidecar starts.
+_AUDIT_SCHEMES = frozenset({"postgresql", "postgres"})
 _ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})  # noqa: S104  # compared against, never bound here
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te", "trailer"}
@@ -166,14 +168,11 @@ class SidecarSettings:
         return self.state if "://" in self.state else f"sqlite:///{self.state}"
 
     @property
-    def audit_path(self) -> str:
-        """Where the audit trail is written: ``audit``, else the SQLite state file (":memory:" for memory state)."""
-        target = self.audit or self.state_url
-        if target.startswith("sqlite:///"):
-            return target.removeprefix("sqlite:///")
-        if target == "memory://":
-            return ":memory:"
-        return target
+    def audit_url(self) -> str:
+        """Where the audit trail is kept: ``audit``, else the SQLite state file (in memory for memory state)."""
+        if self.audit is not None:
+            return self.audit
+        return "sqlite:///:memory:" if self.state_url == "memory://" else self.state_url
 
     def guard_config(self) -> GuardConfig:
         """The library's configuration for the guard in front of the upstream."""
@@ -305,11 +304,8 @@ class SidecarSettings:
         check("assertion_lifetime", 1 <= self.assertion_lifetime <= 300, "must be between 1 and 300 seconds")
         check("audit_retention_days", self.audit_retention_days > 0, "must be more than 0")
         if self.audit is not None:
-            check(
-                "audit",
-                self.audit.startswith("sqlite:///") and len(self.audit) > len("sqlite:///"),
-                "must be sqlite:///PATH (PostgreSQL comes with the scale-out work)",
-            )
+            # The URL is never quoted back: a PostgreSQL one may hold a password.
+            check("audit", _is_audit_url(self.audit), "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
         bearer = [n for n in ("upstream_bearer_env", "upstream_bearer_file") if getattr(self, n) is not None]
         if len(bearer) == 2:
             issues.append(_Issue(tuple(bearer), "set at most one of upstream_bearer_env and upstream_bearer_file"))
@@ -385,6 +381,13 @@ def _is_upstream_url(url: str) -> bool:
         and not parts.fragment
         and "?" not in url
     )
+
+
+def _is_audit_url(url: str) -> bool:
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        return rest.startswith("/") and len(rest) > 1
+    return scheme in _AUDIT_SCHEMES and bool(rest) and not any(c.isspace() or not c.isprintable() for c in rest)
 
 
 def _is_header_value(value: str) -> bool:

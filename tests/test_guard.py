@@ -14,6 +14,8 @@ import anyio
 import argon2
 import httpx
 import pytest
+from opentelemetry.metrics import NoOpMeterProvider
+from opentelemetry.trace import NoOpTracerProvider
 from starlette.types import Message, Receive, Scope, Send
 
 from mcpguard import (
@@ -22,6 +24,7 @@ from mcpguard import (
     KeyRing,
     MCPGuard,
     StorageUnavailable,
+    Telemetry,
     build_guard,
     current_principal,
     open_store,
@@ -189,7 +192,7 @@ def forwarded_after(g: Guarded, before: int) -> list[Seen]:
 
 
 def test_stack_order_is_decided_in_one_place() -> None:
-    """build_guard assembles the layers in the documented order, audit and rate-limit slots included."""
+    """build_guard assembles the layers in the documented order, audit, telemetry and rate-limit slots included."""
 
     def slot(name: str) -> Any:
         def make(app: Any) -> Any:
@@ -199,9 +202,11 @@ def test_stack_order_is_decided_in_one_place() -> None:
         return make
 
     store = SQLiteAuditStore(":memory:")
-    guard = build_guard(RecordingApp(), GuardConfig(), rate_limit=slot("rate_limit"), audit=store)
+    telemetry = Telemetry(tracer_provider=NoOpTracerProvider(), meter_provider=NoOpMeterProvider())
+    guard = build_guard(RecordingApp(), GuardConfig(), rate_limit=slot("rate_limit"), audit=store, telemetry=telemetry)
     assert stack_names(guard) == [
         "entry",
+        "telemetry",
         "audit",
         "errors",
         "public",

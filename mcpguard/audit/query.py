@@ -12,12 +12,15 @@ from typing import Any
 
 from mcpguard.errors import InvalidRequest
 
-__all__ = ["AuditPage", "AuditQuery", "parse_query"]
+__all__ = ["DEFAULT_LIMIT", "FILTERS", "MAX_LIMIT", "TENANT_PARAMETER", "AuditPage", "AuditQuery", "parse_query"]
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
 _ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
-_FILTERS = ("tool", "method", "status", "decision", "subject", "credential", "since", "until", "limit", "cursor")
+# The query parameters anyone may send; the OpenAPI document is built from this list.
+FILTERS = ("tool", "method", "status", "decision", "subject", "credential", "since", "until", "limit", "cursor")
+# Read by the API rather than parsed here, because only an operator credential may send it.
+TENANT_PARAMETER = "tenant"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,8 +79,8 @@ def parse_query(params: Mapping[str, list[str]], *, tenant: str | None) -> Audit
     problems: list[str] = []
     values: dict[str, str] = {}
     for name, given in params.items():
-        if name not in _FILTERS and name != "tenant":
-            problems.append(f"unknown filter {name!r}; filters are {', '.join(_FILTERS)}")
+        if name not in FILTERS and name != TENANT_PARAMETER:
+            problems.append(f"unknown filter {name!r}; filters are {', '.join(FILTERS)}")
         elif len(given) != 1:
             problems.append(f"{name} given more than once")
         else:

@@ -10,27 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Protocol
+from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
 from mcpguard.audit.query import AuditPage, AuditQuery
+from mcpguard.outcome import Outcome, decision_for, observe
 from mcpguard.request_state import RequestState, state_of
-from mcpguard.sse import EventSplitter, event_data
 
 __all__ = ["AuditGate", "AuditLayer", "AuditStore"]
 
 logger = logging.getLogger("mcpguard.audit")
 
-_SCAN_LIMIT = 1024 * 1024
 _PRUNE_EVERY = 3600.0
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
 
@@ -57,66 +54,6 @@ def _header(scope: Scope, name: bytes) -> str | None:
             text: str = value.decode("latin-1")
             return text
     return None
-
-
-@dataclass(slots=True)
-class _Outcome:
-    """What the answer said, scanned as it streams past (never kept)."""
-
-    rpc_id: Any
-    status: int | None = None
-    bytes_out: int = 0
-    rpc_error: int | None = None
-    tool_error: bool | None = None
-    sse: bool = False
-    found: bool = False
-    scanned: int = 0
-    buffer: bytearray | None = None
-    splitter: EventSplitter | None = None
-
-    def start(self, message: Message) -> None:
-        self.status = message["status"]
-        content_type = b""
-        for key, value in message.get("headers", []):
-            if key.lower() == b"content-type":
-                content_type = value.lower()
-        if self.rpc_id is None:
-            return
-        if content_type.startswith(b"text/event-stream"):
-            self.sse, self.splitter = True, EventSplitter()
-        elif content_type.startswith(b"application/json"):
-            self.buffer = bytearray()
-
-    def body(self, chunk: bytes, more: bool) -> None:
-        self.bytes_out += len(chunk)
-        if self.found or self.scanned > _SCAN_LIMIT:
-            return
-        self.scanned += len(chunk)
-        if self.splitter is not None:
-            for event in self.splitter.feed(chunk):
-                _, data = event_data(event)
-                if data is not None:
-                    self._read(data)
-        elif self.buffer is not None:
-            self.buffer += chunk
-            if not more:
-                self._read(bytes(self.buffer))
-                self.buffer = None
-
-    def _read(self, data: str | bytes) -> None:
-        try:
-            payload = json.loads(data)
-        except ValueError:
-            return
-        if not isinstance(payload, dict) or payload.get("id") != self.rpc_id:
-            return
-        self.found = True
-        error = payload.get("error")
-        if isinstance(error, dict) and isinstance(error.get("code"), int):
-            self.rpc_error = error["code"]
-        result = payload.get("result")
-        if isinstance(result, dict) and isinstance(result.get("isError"), bool):
-            self.tool_error = result["isError"]
 
 
 class AuditLayer:
@@ -165,7 +102,7 @@ class AuditLayer:
         state = state_of(scope)
         began = time.perf_counter()
         received = 0
-        outcome = _Outcome(rpc_id=None)
+        outcome, observing_send = observe(scope, send)
         store = self._store
 
         async def counting_receive() -> Message:
@@ -173,14 +110,6 @@ class AuditLayer:
             message = await receive()
             received += len(message.get("body", b""))
             return message
-
-        async def observing_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                outcome.rpc_id = state.message.id if state.message is not None else None
-                outcome.start(message)
-            elif message["type"] == "http.response.body":
-                outcome.body(message.get("body", b""), message.get("more_body", False))
-            await send(message)
 
         async def start_call() -> None:
             event_id = new_event_id(self._clock())
@@ -218,7 +147,7 @@ class AuditLayer:
         event_id: str,
         *,
         start_id: str | None = None,
-        outcome: _Outcome | None = None,
+        outcome: Outcome | None = None,
         duration_ms: float | None = None,
         bytes_in: int | None = None,
     ) -> AuditEvent:
@@ -228,11 +157,7 @@ class AuditLayer:
         traceparent = _TRACEPARENT.fullmatch(_header(scope, b"traceparent") or "")
         refused = state.refusal
         status = outcome.status if outcome is not None else None
-        decision = None
-        if phase != "start":
-            # An upstream failure is an allowed call that went wrong, not a refusal.
-            denied = refused is not None and refused not in ("bad_gateway", "gateway_timeout")
-            decision = "denied" if denied else "allowed"
+        decision = decision_for(refused) if phase != "start" else None
         return AuditEvent(
             id=event_id,
             at=datetime.fromtimestamp(self._clock(), UTC),
@@ -250,7 +175,7 @@ class AuditLayer:
             status=status,
             rpc_error=outcome.rpc_error if outcome is not None else None,
             tool_error=outcome.tool_error if outcome is not None else None,
-            decision=decision,  # type: ignore[arg-type]  # allowed, denied or None, chosen above
+            decision=decision,
             reason=reason_for(refused) if refused is not None else None,
             duration_ms=duration_ms,
             bytes_in=bytes_in,

@@ -15,34 +15,27 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Callable
-from dataclasses import astuple, fields
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from mcpguard.audit.events import AuditEvent
-from mcpguard.audit.query import AuditPage, AuditQuery, encode_cursor
+from mcpguard.audit.query import AuditPage, AuditQuery
+from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, delete_sql, insert_sql, iso_time, page_of, row_of
 from mcpguard.errors import StorageUnavailable
 
 __all__ = ["SQLiteAuditStore"]
 
 _T = TypeVar("_T")
-_COLUMNS = [f.name for f in fields(AuditEvent)]
+# Times are ISO 8601 text in UTC with microseconds, so comparing the text compares the times.
+_DIALECT = Dialect(param="?", time=iso_time)
 _SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in _COLUMNS)});
+CREATE TABLE IF NOT EXISTS audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit_events (tenant, id);
 CREATE INDEX IF NOT EXISTS audit_by_start ON audit_events (start_id);
 """
-# Built from the dataclass's own field names only; every value is a bound parameter.
-_INSERT = f"INSERT INTO audit_events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' for _ in _COLUMNS)})"  # noqa: S608
+_INSERT = insert_sql(_DIALECT)
+_DELETE = delete_sql(_DIALECT)
 _UNAVAILABLE = "audit store unavailable"
-# Outcome columns of an end entry that overlay its start when a call is read back.
-_OUTCOME = ("status", "rpc_error", "tool_error", "decision", "reason", "duration_ms", "bytes_in", "bytes_out")
-
-
-def _row(event: AuditEvent) -> tuple[Any, ...]:
-    values = list(astuple(event))
-    values[_COLUMNS.index("at")] = event.at.astimezone(UTC).isoformat(timespec="microseconds")
-    return tuple(values)
 
 
 class _Job:
@@ -90,6 +83,8 @@ class SQLiteAuditStore:
             target=self._run, args=(path, synchronous, ready), name="mcpguard-audit", daemon=True
         )
         self._closed = False
+        # How many commits the writer has made: fewer than the appends shows them sharing commits.
+        self.commits = 0
         self._thread.start()
         problem = ready.get()
         if problem is not None:
@@ -129,9 +124,10 @@ class SQLiteAuditStore:
         if appends:
             try:
                 conn.execute("BEGIN")
-                conn.executemany(_INSERT, [_row(job.event) for job in appends if job.event is not None])
+                conn.executemany(_INSERT, [row_of(job.event, _DIALECT) for job in appends if job.event is not None])
                 conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+                self.commits += 1
+            except (sqlite3.Error, ValueError, OverflowError) as exc:  # a bad row must not kill the writer
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 failure = StorageUnavailable(_UNAVAILABLE)
@@ -145,7 +141,7 @@ class SQLiteAuditStore:
             if job.work is not None:
                 try:
                     result = job.work(conn)
-                except sqlite3.Error:
+                except (sqlite3.Error, ValueError, OverflowError):
                     _settle(job, None, StorageUnavailable(_UNAVAILABLE))
                 else:
                     _settle(job, result, None)
@@ -173,50 +169,14 @@ class SQLiteAuditStore:
 
     async def query(self, q: AuditQuery) -> AuditPage:
         """Calls matching ``q``, newest first: each start or local entry joined with its end, if any."""
-        where = ["s.phase IN ('start', 'local')"]
-        args: list[Any] = []
-        # The tenant condition is always present: None (operator, all tenants) is the only way round it.
-        if q.tenant is not None:
-            where.append("s.tenant = ?")
-            args.append(q.tenant)
-        for column, value in (
-            ("s.tool", q.tool),
-            ("s.rpc_method", q.method),
-            ("s.subject", q.subject),
-            ("s.credential_id", q.credential),
-            ("COALESCE(e.status, s.status)", q.status),
-            ("COALESCE(e.decision, s.decision)", q.decision),
-            ("s.id", q.call_id),
-        ):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        if q.since is not None:
-            where.append("s.at >= ?")
-            args.append(q.since.astimezone(UTC).isoformat(timespec="microseconds"))
-        if q.until is not None:
-            where.append("s.at < ?")
-            args.append(q.until.astimezone(UTC).isoformat(timespec="microseconds"))
-        if q.before_id is not None:
-            where.append("s.id < ?")
-            args.append(q.before_id)
-        start_cols = ", ".join(f"s.{c}" for c in _COLUMNS)
-        end_cols = ", ".join(f"e.{c}" for c in _OUTCOME)
-        sql = (
-            f"SELECT {start_cols}, e.id, {end_cols} FROM audit_events s "  # noqa: S608 - fixed column names
-            "LEFT JOIN audit_events e ON e.phase = 'end' AND e.start_id = s.id "
-            f"WHERE {' AND '.join(where)} ORDER BY s.id DESC LIMIT ?"
-        )
-        args.append(q.limit + 1)
+        sql, args = calls_sql(q, _DIALECT)
         rows = await self._call(lambda conn: conn.execute(sql, args).fetchall())
-        calls = [_call_of(row) for row in rows[: q.limit]]
-        next_cursor = encode_cursor(calls[-1]["id"]) if len(rows) > q.limit and calls else None
-        return AuditPage(calls, next_cursor)
+        return page_of(rows, q)
 
     async def delete_before(self, cutoff: datetime) -> int:
         """Retention: delete every entry older than ``cutoff``; the number deleted."""
-        stamp = cutoff.astimezone(UTC).isoformat(timespec="microseconds")
-        return await self._call(lambda conn: conn.execute("DELETE FROM audit_events WHERE at < ?", (stamp,)).rowcount)
+        stamp = iso_time(cutoff)
+        return await self._call(lambda conn: conn.execute(_DELETE, (stamp,)).rowcount)
 
     async def close(self) -> None:
         """Commit what is queued and stop the writer."""
@@ -225,21 +185,3 @@ class SQLiteAuditStore:
         self._closed = True
         self._queue.put(None)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
-
-
-def _call_of(row: tuple[Any, ...]) -> dict[str, Any]:
-    start = dict(zip(_COLUMNS, row[: len(_COLUMNS)], strict=True))
-    end_id = row[len(_COLUMNS)]
-    outcome = dict(zip(_OUTCOME, row[len(_COLUMNS) + 1 :], strict=True))
-    call = {k: v for k, v in start.items() if k not in ("phase", "start_id")}
-    if start["phase"] == "start":
-        if end_id is None:
-            call["outcome"] = "no_outcome"
-        else:
-            call.update({name: value for name, value in outcome.items() if value is not None})
-            call["outcome"] = "complete"
-    else:
-        call["outcome"] = "local"
-    if call.get("tool_error") is not None:
-        call["tool_error"] = bool(call["tool_error"])
-    return call

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -14,6 +17,9 @@ from mcpguard import GuardConfig
 from sidecar.serve import sidecar_from_settings
 from sidecar.settings import SettingsError, SidecarSettings, load_settings
 from sidecar.stdio_upstream import StdioUpstream
+from tests.audit.test_audit_store_conformance import pg_url, postgres_schema
+from tests.conftest import free_port, make_keys, serve
+from tests.test_guard import RecordingApp
 
 UPSTREAM = "http://127.0.0.1:9000/mcp"
 TOKEN = "canary-7f3a9c1e-upstream-token"
@@ -375,6 +381,78 @@ class TestListenAndPublicUrl:
         """A bare state path means an SQLite file; a URL is kept as is."""
         assert load(upstream=UPSTREAM).state_url == "sqlite:///./mcpguard.db"
         assert load(upstream=UPSTREAM, state="memory://").state_url == "memory://"
+
+
+class TestAudit:
+    def test_audit_defaults_to_the_state_file(self) -> None:
+        """Without ``audit`` the trail is kept in the SQLite state file, or in memory beside memory state."""
+        assert load(upstream=UPSTREAM).audit_url == "sqlite:///./mcpguard.db"
+        assert load(upstream=UPSTREAM, state="memory://").audit_url == "sqlite:///:memory:"
+        assert load(upstream=UPSTREAM, audit="sqlite:////var/lib/audit.db").audit_url == "sqlite:////var/lib/audit.db"
+
+    def test_postgresql_audit_from_toml_or_env(self, tmp_path: Path) -> None:
+        """A PostgreSQL audit URL loads from the file or the environment, under either scheme name."""
+        url = "postgresql://mcpguard@db.internal:5432/audit?sslmode=require"
+        config = write_toml(tmp_path, f'upstream = "{UPSTREAM}"\naudit = "{url}"\n')
+        assert load(config_file=config).audit_url == url
+        short = "postgres://mcpguard@db.internal/audit"
+        assert load(env={"MCPGUARD_AUDIT": short}, upstream=UPSTREAM).audit_url == short
+
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "mysql://mcpguard:hunter2@db/audit",
+            "postgresql://",
+            "postgresql://mcpguard:hunter2@db/audit trail",
+            "sqlite://relative.db",
+            "sqlite:///",
+            "/var/lib/audit.db",
+        ],
+    )
+    def test_bad_audit_urls_are_reported_without_being_quoted(self, url: str) -> None:
+        """Anything but sqlite:///PATH or a PostgreSQL URL is one problem that never repeats a password."""
+        problems = problems_of(env={"MCPGUARD_AUDIT": url}, upstream=UPSTREAM)
+        assert problems == ["MCPGUARD_AUDIT: must be sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"]
+
+    def test_sidecar_with_postgresql_audit_builds_without_connecting_and_fails_closed(self) -> None:
+        """The sidecar is built synchronously (PostgreSQL connects on first use); with no server a call is 503."""
+        port = free_port()
+        audit = f"postgresql://postgres:hunter2@127.0.0.1:{free_port()}/x"
+        settings = load(upstream=UPSTREAM, listen=f"127.0.0.1:{port}", state="memory://", audit=audit)
+        app = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"})
+        key = make_keys(app.store, {"acme": ("acme", ["mcp:read"])})["acme"]
+        with serve(app, port) as url:
+            response = httpx.post(
+                url + "/mcp",
+                json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        assert response.status_code == 503
+        assert "hunter2" not in response.text
+
+    def test_sidecar_records_its_calls_in_postgresql(self) -> None:
+        """Through a sidecar configured with a PostgreSQL audit URL, a forwarded call lands there, start and end."""
+        with postgres_schema() as schema, serve(RecordingApp()) as upstream:
+            port = free_port()
+            listen = f"127.0.0.1:{port}"
+            settings = load(upstream=upstream + "/mcp", listen=listen, state="memory://", audit=pg_url(schema=schema))
+            app = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"})
+            key = make_keys(app.store, {"acme": ("acme", ["mcp:read"])})["acme"]
+            with serve(app, port) as url:
+                response = httpx.post(
+                    url + "/mcp",
+                    json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                    headers={"Authorization": f"Bearer {key}"},
+                )
+                assert response.status_code == 200
+                deadline = time.monotonic() + 5
+                while True:
+                    with psycopg.connect(pg_url(schema=schema)) as conn:
+                        phases = conn.execute("SELECT phase, tenant FROM audit_events ORDER BY id").fetchall()
+                    if len(phases) == 2 or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+        assert phases == [("start", "acme"), ("end", "acme")]
 
 
 class TestUpstreamHeaders:
