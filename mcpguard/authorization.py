@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.errors import InsufficientScope
 from mcpguard.pinning import strip_pinned_argument
 from mcpguard.principal import Principal
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, header, state_of
 from mcpguard.scopes import READ, ScopePolicy
 from mcpguard.sse import EventSplitter, event_data
 from mcpguard.tool_catalog import ToolCatalog
@@ -20,14 +20,6 @@ __all__ = ["ScopeLayer"]
 
 _LIST_CHANGED = b"notifications/tools/list_changed"
 _MAX_LISTING = 16 * 1024 * 1024
-
-
-def _host(scope: Scope) -> str | None:
-    for name, value in scope["headers"]:
-        if name == b"host":
-            host: str = value.decode("latin-1")
-            return host
-    return None
 
 
 class ScopeLayer:
@@ -57,7 +49,7 @@ class ScopeLayer:
         override = self._policy.tool_overrides.get(name)
         if override is not None:
             return override
-        known, annotations = await self._catalog.lookup(name, host=_host(scope))
+        known, annotations = await self._catalog.lookup(name, host=header(scope, b"host"))
         # A tool the server never listed needs admin: nothing the client says can lower that.
         return self._policy.for_tool(name, annotations) if known else self._policy.for_tool(name, None)
 

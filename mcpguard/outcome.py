@@ -18,9 +18,6 @@ from mcpguard.sse import EventSplitter, event_data
 
 __all__ = ["Outcome", "decision_for", "observe"]
 
-# Beside the guard's own state rather than in it: the outcome belongs to the layers that watch the answer.
-OUTCOME_KEY = "mcpguard.outcome"
-
 _SCAN_LIMIT = 1024 * 1024
 _UPSTREAM_FAILURES = frozenset({"bad_gateway", "gateway_timeout"})
 
@@ -90,12 +87,10 @@ class Outcome:
 def observe(scope: Scope, send: Send) -> tuple[Outcome, Send]:
     """This request's outcome and the ``send`` to pass on: a wrapper that fills it, or ``send`` itself if an
     outer layer already does."""
-    shared: Outcome | None = scope.get(OUTCOME_KEY)
-    if shared is not None:
-        return shared, send
-    outcome = Outcome(rpc_id=None)
-    scope[OUTCOME_KEY] = outcome
     state = state_of(scope)
+    if state.outcome is not None:
+        return state.outcome, send
+    outcome = state.outcome = Outcome(rpc_id=None)
 
     async def observing_send(message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from starlette.types import Scope
 
 from mcpguard.jsonrpc import RpcMessage
 from mcpguard.principal import Principal
 
-__all__ = ["RequestState", "state_of"]
+if TYPE_CHECKING:
+    from mcpguard.outcome import Outcome
+
+__all__ = ["RequestState", "header", "state_of"]
 
 SCOPE_KEY = "mcpguard"
 
@@ -33,9 +37,20 @@ class RequestState:
     # Set by the audit layer: commits the call's start; the gate awaits it just before the app.
     audit_start: Callable[[], Awaitable[None]] | None = None
     audit_start_id: str | None = None
+    # How the answer went, filled by the first layer that watches it (audit or telemetry) for both.
+    outcome: Outcome | None = None
 
 
 def state_of(scope: Scope) -> RequestState:
     """The guard's state for this request (created by the outermost layer)."""
     state: RequestState = scope[SCOPE_KEY]
     return state
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    """The first value of the (lower-case) header ``name``, or ``None``."""
+    for key, value in scope["headers"]:
+        if key == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None

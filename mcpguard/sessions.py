@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from mcpguard.errors import InvalidRequest, SessionNotFound
 from mcpguard.principal import Principal
 from mcpguard.request_state import state_of
 
-__all__ = ["MemorySessionBindings", "SessionBindings", "SessionLayer"]
+__all__ = ["MemorySessionBindings", "SessionBindings", "SessionLayer", "session_digest"]
 
 _SESSION_HEADER = b"mcp-session-id"
 
@@ -63,6 +64,12 @@ class MemorySessionBindings:
 
     async def unbind(self, session_id: str) -> None:
         self._owners.pop(session_id, None)
+
+
+def session_digest(session_id: str) -> str:
+    """How an ``Mcp-Session-Id`` is recorded (audit, spans): a digest, never the id, which would let a reader
+    continue the session on an upstream that does not check its owner."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
 
 def _owner(principal: Principal) -> str:

@@ -2,14 +2,13 @@
 semantic conventions name them.
 
 ``TelemetryLayer`` sits just inside the entry and outside the audit layer, so a span covers the whole
-request, audit writes included; the two share one scan of the answer (``mcpguard.outcome``). Nothing
+request, audit writes included; the two share one scan of the answer (``RequestState.outcome``). Nothing
 secret goes into a span or a metric: no body, header, query string or credential, and the
 ``Mcp-Session-Id`` only as the audit trail's digest of it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from mcpguard.audit.events import reason_for
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.outcome import Outcome, decision_for, observe
 from mcpguard.request_state import RequestState, state_of
+from mcpguard.sessions import session_digest
 
 __all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
 
@@ -51,11 +51,6 @@ class Telemetry:
 def _propagation(textmap: TextMapPropagator) -> tuple[TextMapPropagator, frozenset[bytes]]:
     # ASGI header names are lower case bytes; the propagator names its fields as strings.
     return textmap, frozenset(field.lower().encode("latin-1") for field in textmap.fields)
-
-
-def _session_digest(session_id: str) -> str:
-    # The audit trail's digest of the same header, so a span joins its audit entries without the raw id.
-    return hashlib.sha256(session_id.encode()).hexdigest()[:32]
 
 
 class TelemetryLayer:
@@ -162,7 +157,7 @@ class TelemetryLayer:
         if message is not None and message.id is not None:
             attributes["jsonrpc.request.id"] = str(message.id)[:_CLIENT_VALUE_LIMIT]
         if session is not None:
-            attributes["mcp.session.id"] = _session_digest(session)
+            attributes["mcp.session.id"] = session_digest(session)
         if principal is not None:
             attributes["mcpguard.tenant"] = principal.tenant
         span.set_attributes(attributes)

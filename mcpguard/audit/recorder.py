@@ -9,7 +9,6 @@ answer is only scanned for the JSON-RPC error code and the tool's ``isError`` fl
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import re
 import time
@@ -22,7 +21,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
 from mcpguard.audit.query import AuditPage, AuditQuery
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, header, state_of
+from mcpguard.sessions import session_digest
 
 __all__ = ["AuditGate", "AuditLayer", "AuditStore"]
 
@@ -46,14 +46,6 @@ class AuditStore(Protocol):
 
     async def close(self) -> None:
         """Flush and release."""
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            text: str = value.decode("latin-1")
-            return text
-    return None
 
 
 class AuditLayer:
@@ -152,9 +144,9 @@ class AuditLayer:
         bytes_in: int | None = None,
     ) -> AuditEvent:
         principal, message = state.principal, state.message
-        session = _header(scope, b"mcp-session-id")
-        user_agent = _header(scope, b"user-agent")
-        traceparent = _TRACEPARENT.fullmatch(_header(scope, b"traceparent") or "")
+        session = header(scope, b"mcp-session-id")
+        user_agent = header(scope, b"user-agent")
+        traceparent = _TRACEPARENT.fullmatch(header(scope, b"traceparent") or "")
         refused = state.refusal
         status = outcome.status if outcome is not None else None
         decision = decision_for(refused) if phase != "start" else None
@@ -167,7 +159,7 @@ class AuditLayer:
             subject=principal.subject if principal is not None else None,
             credential_id=principal.credential_id if principal is not None else None,
             client_id=principal.client_id if principal is not None else None,
-            session=hashlib.sha256(session.encode()).hexdigest()[:32] if session else None,
+            session=session_digest(session) if session else None,
             rpc_method=message.method if message is not None else None,
             tool=message.name if message is not None and message.method == "tools/call" else None,
             http_method=scope["method"],
