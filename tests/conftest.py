@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import argon2
 import pytest
 import uvicorn
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive
 
 from mcpguard import KeyRing, KeyStore
 
@@ -68,3 +68,13 @@ def make_keys(store: KeyStore, specs: Mapping[str, tuple[str, Sequence[str]]]) -
         return keys
 
     return asyncio.run(create())
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body, as a test app behind the guard receives it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -10,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import argon2
 import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
+from mcpguard import GuardConfig, MCPGuard, open_store
 from mcpguard.audit import SQLiteAuditStore
-from tests.conftest import free_port, serve
+from mcpguard.keys import parse_key
+from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import list_tools, rpc
 
 CANARY = "canary-7f3a9c1e5b2d4086"
@@ -33,12 +32,7 @@ class ToolApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         with sqlite3.connect(self.database) as conn:
             starts = conn.execute("SELECT count(*) FROM audit_events WHERE phase = 'start'").fetchone()[0]
         self.starts_seen.append(starts > 0)
@@ -74,28 +68,22 @@ class Audited:
 def audited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Audited]:
     database = tmp_path_factory.mktemp("audit") / "audit.db"
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
-    async def make() -> tuple[dict[str, str], str]:
-        ring = KeyRing(store=store, hasher=hasher)
-        keys = {}
-        for label, tenant, scopes in [
-            ("acme", "acme", ["mcp:read"]),
-            ("acme-audit", "acme", ["mcp:audit"]),
-            ("globex", "globex", ["mcp:admin"]),
-            ("operator", "ops", ["mcp:audit"]),
-        ]:
-            keys[label], record = await ring.create(tenant=tenant, scopes=scopes, name=label)
-            if label == "operator":
-                operator_id = record.key_id
-        return keys, operator_id
-
-    keys, operator = asyncio.run(make())
+    keys = make_keys(
+        store,
+        {
+            "acme": ("acme", ["mcp:read"]),
+            "acme-audit": ("acme", ["mcp:audit"]),
+            "globex": ("globex", ["mcp:admin"]),
+            "operator": ("ops", ["mcp:audit"]),
+        },
+    )
+    operator, _ = parse_key(keys["operator"])
     audit = SQLiteAuditStore(str(database))
     app = ToolApp(database)
     port = free_port()
     config = GuardConfig(public_url=f"http://127.0.0.1:{port}", operator_credentials=(operator,))
-    guard = MCPGuard(app, config, keys=KeyRing(store=store, hasher=hasher), tool_lister=tools, audit=audit)
+    guard = MCPGuard(app, config, keys=cheap_keyring(store), tool_lister=tools, audit=audit)
     with serve(guard, port) as url:
         yield Audited(url, app, database, keys, operator)
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 from opentelemetry.metrics import NoOpMeterProvider
 from opentelemetry.trace import NoOpTracerProvider
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from mcpguard import (
     GuardConfig,
@@ -32,7 +32,7 @@ from mcpguard import (
 )
 from mcpguard.audit import SQLiteAuditStore
 from mcpguard.keys import generate_key
-from tests.conftest import free_port, serve
+from tests.conftest import free_port, read_body, serve
 
 TOOLS: list[Mapping[str, Any]] = [
     {"name": "read_tool", "annotations": {"readOnlyHint": True}},
@@ -71,12 +71,7 @@ class RecordingApp:
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
             return
-        body = b""
-        while True:
-            message: Message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         principal = current_principal()
         self.seen.append(
             Seen(scope["method"], scope["path"], scope["headers"], body, principal.tenant if principal else None)

@@ -34,7 +34,7 @@ from mcpguard import (
     stack_names,
 )
 from mcpguard.audit.query import AuditPage
-from tests.conftest import cheap_keyring, free_port, make_keys, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import RecordingApp, list_tools
 
 CANARY = "canary-5e1d7b3a9c2f4068"
@@ -81,12 +81,7 @@ class OutcomeApp:
             return
         if scope["path"] == "/boom":
             raise RuntimeError(f"broke while holding {CANARY}")
-        body = b""
-        while True:
-            message: Message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = json.loads(body) if body else {}
         if request.get("method") == "missing/method":
             answer: dict[str, Any] = {"error": {"code": -32601, "message": "no such method"}}

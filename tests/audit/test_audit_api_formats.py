@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import argon2
 import httpx
 import jsonschema
 import pytest
 from openapi_spec_validator import OpenAPIV31SpecValidator, validate
 from starlette.types import Message, Receive, Scope, Send
 
-from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
+from mcpguard import GuardConfig, MCPGuard, open_store
 from mcpguard.audit import SQLiteAuditStore
 from mcpguard.audit.api import (
     CALL_FIELDS,
@@ -34,11 +33,12 @@ from mcpguard.audit.api import (
 from mcpguard.audit.events import AuditEvent
 from mcpguard.audit.openapi import OPENAPI_PATH, openapi_document
 from mcpguard.audit.query import FILTERS, TENANT_PARAMETER, AuditPage, AuditQuery, encode_cursor
+from mcpguard.keys import parse_key
 from mcpguard.metadata import PublicRoutes
 from mcpguard.principal import CredentialKind, Principal
 from mcpguard.request_state import SCOPE_KEY, RequestState
 from mcpguard.scopes import AUDIT, ScopePolicy
-from tests.conftest import free_port, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, serve
 from tests.test_audit import ToolApp, tools
 from tests.test_guard import rpc
 
@@ -69,33 +69,26 @@ class Guarded:
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Guarded]:
     database = tmp_path_factory.mktemp("audit-formats") / "audit.db"
     store = open_store("memory://")
-    hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
 
-    async def make() -> tuple[dict[str, str], str]:
-        ring = KeyRing(store=store, hasher=hasher)
-        keys: dict[str, str] = {}
-        operator_id = ""
-        for label, tenant, scopes in [
-            ("acme", "acme", ["mcp:read"]),
-            ("acme-audit", "acme", ["mcp:audit"]),
-            ("globex", "globex", ["mcp:admin"]),
-            ("initech", "initech", ["mcp:read"]),
-            ("initech-audit", "initech", ["mcp:audit"]),
-            ("operator", "ops", ["mcp:audit"]),
-        ]:
-            keys[label], record = await ring.create(tenant=tenant, scopes=scopes, name=label)
-            if label == "operator":
-                operator_id = record.key_id
-        return keys, operator_id
-
-    keys, operator = asyncio.run(make())
+    keys = make_keys(
+        store,
+        {
+            "acme": ("acme", ["mcp:read"]),
+            "acme-audit": ("acme", ["mcp:audit"]),
+            "globex": ("globex", ["mcp:admin"]),
+            "initech": ("initech", ["mcp:read"]),
+            "initech-audit": ("initech", ["mcp:audit"]),
+            "operator": ("ops", ["mcp:audit"]),
+        },
+    )
+    operator, _ = parse_key(keys["operator"])
     audit = SQLiteAuditStore(str(database))
     port = free_port()
     config = GuardConfig(public_url=f"http://127.0.0.1:{port}", operator_credentials=(operator,))
     guard = MCPGuard(
         ToolApp(database),
         config,
-        keys=KeyRing(store=store, hasher=hasher),
+        keys=cheap_keyring(store),
         tool_lister=tools,
         audit=audit,
         rate_limits=None,

@@ -21,7 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from mcpguard import AuditEvent, GuardConfig, MCPGuard, SQLiteAuditStore, open_store
 from mcpguard.audit import new_event_id
-from tests.conftest import cheap_keyring, free_port, make_keys, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import RecordingApp, list_tools, rpc
 
 CALLS = 24
@@ -39,12 +39,7 @@ class SlowUpstream:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         request = json.loads(body) if body else {}
         if request.get("method") == "tools/call":
             with self.lock:

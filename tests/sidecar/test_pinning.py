@@ -15,7 +15,7 @@ from mcpguard import GuardConfig, open_store
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
-from tests.conftest import cheap_keyring, free_port, make_keys, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 
 MODERN = {
     "Accept": "application/json, text/event-stream",
@@ -35,13 +35,7 @@ class BodyCapture:
         if scope["type"] != "http" or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
+        body = await read_body(receive)
         document = json.loads(body)
         if document.get("method") == "tools/call":
             self.calls.append(document)
