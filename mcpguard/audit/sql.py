@@ -7,8 +7,9 @@ keeps the trail; a ``Dialect`` says only how a database spells a bound parameter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any
 
 from mcpguard.audit.events import AuditEvent
@@ -20,6 +21,7 @@ COLUMNS = tuple(f.name for f in fields(AuditEvent))
 # Outcome columns of an end entry that overlay its start when a call is read back.
 _OUTCOME = ("status", "rpc_error", "tool_error", "decision", "reason", "duration_ms", "bytes_in", "bytes_out")
 _AT = COLUMNS.index("at")
+_VALUES = attrgetter(*COLUMNS)
 
 
 def iso_time(at: datetime) -> str:
@@ -43,7 +45,7 @@ def insert_sql(dialect: Dialect) -> str:
 
 def row_of(event: AuditEvent, dialect: Dialect) -> tuple[Any, ...]:
     """The values ``insert_sql`` binds for ``event``."""
-    values = list(astuple(event))
+    values = list(_VALUES(event))
     values[_AT] = dialect.time(event.at.astimezone(UTC))
     return tuple(values)
 

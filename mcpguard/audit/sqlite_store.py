@@ -1,9 +1,13 @@
-"""The audit trail in SQLite (WAL), written by one thread with group commit and no timer.
+"""The audit trail in SQLite (WAL), committed on the event loop with group commit and no timer.
 
-Appends queue up; the writer thread commits everything pending as soon as its previous commit ends, so
-an idle guard pays one small commit per call and a busy one shares each commit among many calls. A
-call's start is awaited until committed before the call is forwarded (it survives the process being
-killed); its end is queued without waiting. Only retention deletes rows.
+An append joins the pending batch; the first one of a loop iteration schedules a flush, which commits
+everything pending in one transaction. So an idle guard pays one small commit per call, a busy one
+shares each commit among the calls of an iteration, and no thread hop or cross-thread wake-up is paid
+per call. A commit in WAL mode with ``synchronous=NORMAL`` writes the log without syncing it (tens of
+microseconds) and survives the process being killed; syncing happens at checkpoints, which run on a
+background thread. With ``synchronous=FULL`` every commit syncs, so commits move to that thread and
+appends arriving meanwhile share the next one. A call's start is awaited until committed, before the
+call is forwarded; its end is queued without waiting. Only retention deletes rows.
 """
 
 from __future__ import annotations
@@ -11,16 +15,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from mcpguard.audit.events import AuditEvent
 from mcpguard.audit.query import AuditPage, AuditQuery
-from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, delete_sql, insert_sql, iso_time, page_of, row_of
+from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, insert_sql, iso_time, page_of, row_of
 from mcpguard.errors import StorageUnavailable
 
 __all__ = ["SQLiteAuditStore"]
@@ -34,40 +38,42 @@ CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit_events (tenant, id);
 CREATE INDEX IF NOT EXISTS audit_by_start ON audit_events (start_id);
 """
 _INSERT = insert_sql(_DIALECT)
-_DELETE = delete_sql(_DIALECT)
+# Retention deletes in slices, so a large backlog never holds the write lock (or the loop) for long.
+_DELETE_SLICE = 1000
+_DELETE = f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < ? LIMIT {_DELETE_SLICE})"  # noqa: S608 - fixed text, bound value
+# Commits between background checkpoints: the log stays a few MiB and the loop never syncs.
+_CHECKPOINT_EVERY = 500
+_IN_MEMORY = ":memory:"
 _UNAVAILABLE = "audit store unavailable"
+_ERRORS = (sqlite3.Error, ValueError, OverflowError)
+
+_Pending = tuple[tuple[Any, ...], "asyncio.Future[None] | None"]
 
 
-class _Job:
-    __slots__ = ("event", "future", "loop", "work")
-
-    def __init__(
-        self,
-        *,
-        event: AuditEvent | None = None,
-        work: Callable[[sqlite3.Connection], Any] | None = None,
-        future: asyncio.Future[Any] | None = None,
-        loop: asyncio.AbstractEventLoop | None = None,
-    ) -> None:
-        self.event, self.work, self.future, self.loop = event, work, future, loop
+def _unavailable(cause: BaseException) -> StorageUnavailable:
+    failure = StorageUnavailable(_UNAVAILABLE)
+    failure.__cause__ = cause
+    return failure
 
 
-def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
-    future, loop = job.future, job.loop
-    if future is None or loop is None:
-        return
-
-    def settle() -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-
-    # A closed loop means nobody is left waiting to be told.
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(settle)
+def _open(path: str, synchronous: str) -> sqlite3.Connection:
+    if path != _IN_MEMORY and not os.path.exists(path):
+        # Owner-only from the first byte; SQLite gives its -wal and -shm files the same mode.
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        # Checkpoints are ours to run, off the loop (a checkpoint syncs the database file).
+        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # Another process (the CLI adding a key to a shared state file) holds the lock for milliseconds.
+        conn.execute("PRAGMA busy_timeout = 2000")
+        conn.executescript(_SCHEMA)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 class SQLiteAuditStore:
@@ -77,111 +83,171 @@ class SQLiteAuditStore:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous is NORMAL (survives a killed process) or FULL (survives power loss)")
         self.url = f"sqlite:///{path}"
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        ready: queue.SimpleQueue[BaseException | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, args=(path, synchronous, ready), name="mcpguard-audit", daemon=True
-        )
-        self._closed = False
-        # How many commits the writer has made: fewer than the appends shows them sharing commits.
-        self.commits = 0
-        self._thread.start()
-        problem = ready.get()
-        if problem is not None:
-            raise StorageUnavailable(_UNAVAILABLE) from problem
-
-    def _run(self, path: str, synchronous: str, ready: queue.SimpleQueue[BaseException | None]) -> None:
+        self._path = path
+        self._inline = synchronous == "NORMAL"
         try:
-            if path != ":memory:" and not os.path.exists(path):
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(f"PRAGMA synchronous = {synchronous}")
-            conn.execute("PRAGMA busy_timeout = 5000")
-            conn.executescript(_SCHEMA)
+            self._conn = _open(path, synchronous)
         except (sqlite3.Error, OSError) as exc:
-            ready.put(exc)
-            return
-        ready.put(None)
+            raise StorageUnavailable(_UNAVAILABLE) from exc
+        # One thread for what must not run on the loop: reads, checkpoints, and FULL-mode writes, in order.
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-audit")
+        self._reader: sqlite3.Connection | None = None
+        self._pending: list[_Pending] = []
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._committing = False
+        self._checkpointing = False
+        self._closed = False
+        # How many commits have been made: fewer than the appends shows them sharing commits.
+        self.commits = 0
+
+    def _commit(self, rows: list[tuple[Any, ...]]) -> BaseException | None:
         try:
-            while True:
-                job = self._queue.get()
-                batch = [job]
-                while True:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                stop = None in batch
-                self._commit(conn, [j for j in batch if j is not None])
-                if stop:
-                    return
-        finally:
-            conn.close()
+            self._conn.execute("BEGIN")
+            self._conn.executemany(_INSERT, rows)
+            self._conn.execute("COMMIT")
+        except _ERRORS as exc:  # a bad row must not wedge the store: the batch fails, the next may not
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            return exc
+        self.commits += 1
+        return None
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Job]) -> None:
-        appends = [job for job in batch if job.event is not None]
-        if appends:
-            try:
-                conn.execute("BEGIN")
-                conn.executemany(_INSERT, [row_of(job.event, _DIALECT) for job in appends if job.event is not None])
-                conn.execute("COMMIT")
-                self.commits += 1
-            except (sqlite3.Error, ValueError, OverflowError) as exc:  # a bad row must not kill the writer
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                failure = StorageUnavailable(_UNAVAILABLE)
-                failure.__cause__ = exc
-                for job in appends:
-                    _settle(job, None, failure)
-            else:
-                for job in appends:
-                    _settle(job, None, None)
-        for job in batch:
-            if job.work is not None:
-                try:
-                    result = job.work(conn)
-                except (sqlite3.Error, ValueError, OverflowError):
-                    _settle(job, None, StorageUnavailable(_UNAVAILABLE))
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        # A flush scheduled on a loop that has since stopped never ran: schedule it where we are now.
+        if self._flush_loop is loop or self._committing:
+            return
+        self._flush_loop = loop
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_loop = None
+        if self._committing or not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        rows = [row for row, _ in batch]
+        if self._inline:
+            self._settle(batch, self._commit(rows))
+            self._maybe_checkpoint()
+            return
+        self._committing = True
+        loop = asyncio.get_running_loop()
+        done = loop.run_in_executor(self._worker, self._commit, rows)
+
+        def committed(outcome: asyncio.Future[BaseException | None]) -> None:
+            self._committing = False
+            self._settle(batch, outcome.exception() or outcome.result())
+            if self._pending:
+                self._schedule(loop)
+
+        done.add_done_callback(committed)
+
+    @staticmethod
+    def _settle(batch: list[_Pending], error: BaseException | None) -> None:
+        for _, future in batch:
+            if future is not None and not future.done():
+                if error is None:
+                    future.set_result(None)
                 else:
-                    _settle(job, result, None)
+                    future.set_exception(_unavailable(error))
 
-    def _submit(self, job: _Job) -> None:
-        if self._closed or not self._thread.is_alive():
-            raise StorageUnavailable(_UNAVAILABLE)
-        self._queue.put(job)
+    def _maybe_checkpoint(self) -> None:
+        if self._path == _IN_MEMORY or self._checkpointing or self.commits % _CHECKPOINT_EVERY:
+            return
+        self._checkpointing = True
+
+        def checkpoint() -> None:
+            try:
+                conn = self._read_connection()
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                pass  # retried after the next slice of commits; the log only grows meanwhile
+            finally:
+                self._checkpointing = False
+
+        self._worker.submit(checkpoint)
+
+    def _read_connection(self) -> sqlite3.Connection:
+        # Only ever used on the worker thread; a WAL reader never waits for the writer.
+        if self._reader is None:
+            self._reader = sqlite3.connect(f"file:{quote(self._path)}", uri=True, isolation_level=None)
+            self._reader.execute("PRAGMA busy_timeout = 2000")
+        return self._reader
 
     async def append(self, event: AuditEvent, *, durable: bool) -> None:
         """Queue ``event``; with ``durable``, return only once it is committed."""
-        if not durable:
-            self._submit(_Job(event=event))
-            return
+        if self._closed:
+            raise StorageUnavailable(_UNAVAILABLE)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._submit(_Job(event=event, future=future, loop=loop))
-        await future
+        future: asyncio.Future[None] | None = loop.create_future() if durable else None
+        self._pending.append((row_of(event, _DIALECT), future))
+        self._schedule(loop)
+        if future is not None:
+            await future
 
-    async def _call(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[_T] = loop.create_future()
-        self._submit(_Job(work=work, future=future, loop=loop))
-        return await future
+    async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise StorageUnavailable(_UNAVAILABLE)
+        # What was appended before a read is visible to it.
+        self._flush()
+        try:
+            if self._path == _IN_MEMORY:
+                return work(self._conn)  # a private in-memory database has no second connection
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._worker, lambda: work(self._read_connection()))
+        except _ERRORS as exc:
+            raise _unavailable(exc) from None
+
+    async def _write(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._closed:
+            raise StorageUnavailable(_UNAVAILABLE)
+        try:
+            if self._inline:
+                return work(self._conn)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, work, self._conn)
+        except _ERRORS as exc:
+            raise _unavailable(exc) from None
 
     async def query(self, q: AuditQuery) -> AuditPage:
         """Calls matching ``q``, newest first: each start or local entry joined with its end, if any."""
         sql, args = calls_sql(q, _DIALECT)
-        rows = await self._call(lambda conn: conn.execute(sql, args).fetchall())
+        rows = await self._read(lambda conn: conn.execute(sql, args).fetchall())
         return page_of(rows, q)
 
     async def delete_before(self, cutoff: datetime) -> int:
         """Retention: delete every entry older than ``cutoff``; the number deleted."""
         stamp = iso_time(cutoff)
-        return await self._call(lambda conn: conn.execute(_DELETE, (stamp,)).rowcount)
+        deleted = 0
+        while True:
+            count = await self._write(lambda conn: conn.execute(_DELETE, (stamp,)).rowcount)
+            deleted += count
+            if count < _DELETE_SLICE:
+                return deleted
+            await asyncio.sleep(0)  # let the traffic's commits in between slices
+
+    async def ping(self) -> None:
+        """Readiness: the store is open and its writing connection can read the trail's table."""
+        # On the connection appends use, so a closed store or a file that lost its table both show here.
+        await self._write(lambda conn: conn.execute("SELECT 1 FROM audit_events LIMIT 0").fetchall())
 
     async def close(self) -> None:
-        """Commit what is queued and stop the writer."""
+        """Commit what is queued and release the file."""
         if self._closed:
             return
         self._closed = True
-        self._queue.put(None)
-        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        loop = asyncio.get_running_loop()
+        # The worker runs jobs in order, so this commit follows one still in flight.
+        batch, self._pending = self._pending, []
+        if batch:
+            error = await loop.run_in_executor(self._worker, self._commit, [row for row, _ in batch])
+            self._settle(batch, error)
+
+        def release() -> None:
+            if self._reader is not None:
+                self._reader.close()
+            with contextlib.suppress(sqlite3.Error):
+                if self._path != _IN_MEMORY:
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._conn.close()
+
+        await loop.run_in_executor(self._worker, release)
+        self._worker.shutdown(wait=True)

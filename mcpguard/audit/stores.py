@@ -16,9 +16,12 @@ _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def _sqlite(url: str) -> AuditStore:
-    if not url.startswith(_SQLITE) or len(url) == len(_SQLITE):
+    path, _, options = url.removeprefix(_SQLITE).partition("?")
+    if not url.startswith(_SQLITE) or not path:
         raise ValueError(f"an SQLite audit URL is {_SQLITE}<path> ({_SQLITE}/<path> when absolute)")
-    return SQLiteAuditStore(url.removeprefix(_SQLITE))
+    if options not in ("", "synchronous=NORMAL", "synchronous=FULL"):
+        raise ValueError("the only SQLite audit URL option is synchronous=NORMAL or synchronous=FULL")
+    return SQLiteAuditStore(path, synchronous=options.removeprefix("synchronous=") or "NORMAL")
 
 
 def _postgres(url: str) -> AuditStore:
@@ -34,6 +37,8 @@ _BACKENDS: Mapping[str, Callable[[str], AuditStore]] = {
 
 def open_audit_store(url: str) -> AuditStore:
     """The audit store ``url`` names: ``sqlite:///PATH`` (``:memory:`` allowed) or ``postgresql://…``.
+
+    ``sqlite:///PATH?synchronous=FULL`` syncs every commit, so the trail also survives power loss.
 
     SQLite opens now; PostgreSQL connects on first use, in the event loop that uses it (or await
     ``PostgresAuditStore.open`` to connect at once).

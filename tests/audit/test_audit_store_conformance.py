@@ -151,7 +151,7 @@ class Backend:
         """A store whose backend the test can break mid-way, and the function that breaks it."""
         if self.name == "sqlite":
             path = self.tmp_path / "cuttable.db"
-            store: AuditStore = SQLiteAuditStore(str(path))
+            store: AuditStore = SQLiteAuditStore(str(path), synchronous="FULL" if "FULL" in self.url else "NORMAL")
 
             async def drop_table() -> None:
                 with sqlite3.connect(path) as conn:
@@ -173,11 +173,15 @@ class Backend:
             await relay.cut()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "sqlite-full", "postgresql"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """Each audit store backend, in a file or schema of this test's own."""
+    """Each audit store backend (SQLite committing on the loop, and syncing each commit on a thread), in a
+    file or schema of this test's own."""
     if request.param == "sqlite":
         yield Backend("sqlite", f"sqlite:///{tmp_path}/audit.db", tmp_path)
+        return
+    if request.param == "sqlite-full":
+        yield Backend("sqlite", f"sqlite:///{tmp_path}/audit.db?synchronous=FULL", tmp_path)
         return
     with postgres_schema() as schema:
         yield Backend("postgresql", pg_url(schema=schema), tmp_path, schema)
@@ -628,6 +632,7 @@ class TestOpenAuditStore:
             for url, kind in (
                 (f"sqlite:///{tmp_path}/a.db", SQLiteAuditStore),
                 ("sqlite:///:memory:", SQLiteAuditStore),
+                (f"sqlite:///{tmp_path}/b.db?synchronous=FULL", SQLiteAuditStore),
                 ("postgresql://postgres@127.0.0.1:5432/mcpguard_test", PostgresAuditStore),
                 ("postgres://postgres@127.0.0.1:5432/mcpguard_test", PostgresAuditStore),
             ):
@@ -644,6 +649,8 @@ class TestOpenAuditStore:
             "/var/lib/audit.db",
             "ftp://admin:hunter2@example.com/db",
             "sqlite:///",
+            "sqlite:///?synchronous=FULL",
+            "sqlite:///a.db?synchronous=OFF",
             "postgresql://x:hunter2@h/d?bogus=1",
         ],
     )
