@@ -12,6 +12,7 @@ from mcpguard.audit import (
     open_audit_store,
     parse_query,
 )
+from mcpguard.audit.log_export import ExportingAuditStore
 from mcpguard.audit.query import FILTERS as AUDIT_FILTERS
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import (
@@ -58,6 +59,7 @@ __all__ = [
     "ConfigError",
     "CredentialKind",
     "Exchange",
+    "ExportingAuditStore",
     "FailedAuthLimiter",
     "GuardConfig",
     "HeaderMismatch",

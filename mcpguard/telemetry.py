@@ -14,8 +14,11 @@ import time
 from dataclasses import dataclass
 
 from opentelemetry import metrics, propagate, trace
+from opentelemetry._logs import LoggerProvider
 from opentelemetry.context import Context
 from opentelemetry.propagators.textmap import TextMapPropagator
+from opentelemetry.sdk._logs import LoggerProvider as SDKLoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.metrics import MeterProvider as SDKMeterProvider
 from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
@@ -38,14 +41,18 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 # Tool names and request ids are the client's choice: cut so one request cannot bloat every span it makes.
 _CLIENT_VALUE_LIMIT = 128
 _TARGETS = {"tools/call": "gen_ai.tool.name", "prompts/get": "gen_ai.prompt.name"}
+# The OTLP package still names its log exporter module as private, while the logs signal settles.
+_LOG_EXPORTER = "opentelemetry.exporter.otlp.proto.http._log_exporter"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Telemetry:
-    """Where the guard's spans and metrics go: the global OpenTelemetry providers unless others are given."""
+    """Where the guard's spans, metrics and exported audit logs go: the global OpenTelemetry providers unless
+    others are given (audit logs are exported only through ``ExportingAuditStore``)."""
 
     tracer_provider: trace.TracerProvider | None = None
     meter_provider: metrics.MeterProvider | None = None
+    logger_provider: LoggerProvider | None = None
 
 
 def _propagation(textmap: TextMapPropagator) -> tuple[TextMapPropagator, frozenset[bytes]]:
@@ -195,10 +202,11 @@ def _error_type(refusal: str | None, raised: str | None, outcome: Outcome) -> st
     return None
 
 
-def configure_telemetry(*, service_name: str, otlp_endpoint: str | None) -> Telemetry | None:
+def configure_telemetry(*, service_name: str, otlp_endpoint: str | None, logs: bool = False) -> Telemetry | None:
     """Providers exporting to the OTLP/HTTP collector at ``otlp_endpoint`` (its base URL, such as
     ``http://collector:4318``), or ``None`` (telemetry off) without one; the global providers are left alone.
 
+    With ``logs``, a logger provider for audit events exported as log records too (see ``ExportingAuditStore``).
     Needs the ``otlp`` extra: ``pip install 'mcpguard[otlp]'``.
     """
     if not otlp_endpoint:
@@ -206,6 +214,7 @@ def configure_telemetry(*, service_name: str, otlp_endpoint: str | None) -> Tele
     try:
         span_exporters = importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
         metric_exporters = importlib.import_module("opentelemetry.exporter.otlp.proto.http.metric_exporter")
+        log_exporters = importlib.import_module(_LOG_EXPORTER) if logs else None
     except ImportError:
         raise ConfigError(
             ["otlp_endpoint is set but the OTLP exporter is not installed: pip install 'mcpguard[otlp]'"]
@@ -217,4 +226,10 @@ def configure_telemetry(*, service_name: str, otlp_endpoint: str | None) -> Tele
     tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     reader = PeriodicExportingMetricReader(metric_exporters.OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))
     meter_provider = SDKMeterProvider(resource=resource, metric_readers=[reader])
-    return Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider)
+    logger_provider = None
+    if log_exporters is not None:
+        logger_provider = SDKLoggerProvider(resource=resource)
+        # Batched: records are queued on the request path and exported by the SDK's own thread.
+        log_exporter = log_exporters.OTLPLogExporter(endpoint=f"{base}/v1/logs")
+        logger_provider.add_log_record_processor(BatchLogRecordProcessor(log_exporter))
+    return Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider, logger_provider=logger_provider)

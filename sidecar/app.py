@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import aiohttp
@@ -16,6 +17,7 @@ from mcpguard import (
     MCPGuardError,
     RateLimits,
     Store,
+    Telemetry,
     TokenVerifier,
     ToolCatalog,
     build_guard,
@@ -76,6 +78,12 @@ class SidecarApp:
             await self.store.get_key("readiness-probe")
         except MCPGuardError:
             problems.append("state store unavailable")
+        if self.audit is not None:
+            try:
+                async with asyncio.timeout(_READY_PROBE_TIMEOUT):
+                    await self.audit.ping()
+            except (MCPGuardError, TimeoutError):
+                problems.append("audit store unavailable")
         if isinstance(self.proxy, StdioUpstream):
             if not self.proxy.command_available():
                 problems.append("upstream command not found or not executable")
@@ -102,6 +110,7 @@ def _assemble(
     rate_limit_store: str,
     audit: AuditStore | None,
     audit_retention: timedelta | None,
+    telemetry: Telemetry | None,
 ) -> SidecarApp:
     catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
     storage = open_limiter_storage(rate_limit_store)
@@ -116,6 +125,7 @@ def _assemble(
         rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
         audit=audit,
         audit_retention=audit_retention,
+        telemetry=telemetry,
     )
     return SidecarApp(guard, upstream, store, audit)
 
@@ -133,6 +143,7 @@ def build_sidecar(
     rate_limit_store: str = "memory://",
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = timedelta(days=90),
+    telemetry: Telemetry | None = None,
 ) -> SidecarApp:
     """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself."""
     return _assemble(
@@ -147,6 +158,7 @@ def build_sidecar(
         rate_limit_store=rate_limit_store,
         audit=audit,
         audit_retention=audit_retention,
+        telemetry=telemetry,
     )
 
 
@@ -162,6 +174,7 @@ def build_stdio_sidecar(
     rate_limit_store: str = "memory://",
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = timedelta(days=90),
+    telemetry: Telemetry | None = None,
 ) -> SidecarApp:
     """The guard in front of ``stdio.argv``, run once per MCP session; annotations come from the server itself."""
     return _assemble(
@@ -176,4 +189,5 @@ def build_stdio_sidecar(
         rate_limit_store=rate_limit_store,
         audit=audit,
         audit_retention=audit_retention,
+        telemetry=telemetry,
     )

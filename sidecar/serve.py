@@ -12,7 +12,17 @@ from typing import TypeAlias
 
 import uvicorn
 
-from mcpguard import AssertionSigner, KeyRing, RateLimits, open_audit_store, open_store
+from mcpguard import (
+    AssertionSigner,
+    AuditStore,
+    ExportingAuditStore,
+    KeyRing,
+    RateLimits,
+    Telemetry,
+    configure_telemetry,
+    open_audit_store,
+    open_store,
+)
 from sidecar.app import SidecarApp, build_sidecar, build_stdio_sidecar
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
@@ -22,10 +32,21 @@ from sidecar.stdio_upstream import StdioSettings
 __all__ = ["add_sidecar_command", "serve_until_stopped", "sidecar_from_settings"]
 
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+_SERVICE_NAME = "mcpguard"
 
 
-def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> SidecarApp:
-    """The sidecar app described by ``settings`` (credentials for the upstream resolved from ``env``)."""
+def sidecar_from_settings(
+    settings: SidecarSettings, env: Mapping[str, str], *, telemetry: Telemetry | None = None
+) -> SidecarApp:
+    """The sidecar app described by ``settings`` (credentials for the upstream resolved from ``env``).
+
+    Spans, metrics and (with ``audit_otel_logs``) audit logs go to ``telemetry`` when it is given, else to
+    the OTLP collector at ``otlp_endpoint``.
+    """
+    if telemetry is None:
+        telemetry = configure_telemetry(
+            service_name=_SERVICE_NAME, otlp_endpoint=settings.otlp_endpoint, logs=settings.audit_otel_logs
+        )
     store = open_store(settings.state_url)
     if settings.upstream_cmd is not None:
         stdio = StdioSettings(
@@ -44,8 +65,9 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
             keys=KeyRing(store=store, hasher=hasher_from_env(env)),
             annotations_ttl=settings.annotations_ttl,
             rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
-            audit=open_audit_store(settings.audit_url),
+            audit=_audit_store(settings, telemetry),
             audit_retention=timedelta(days=settings.audit_retention_days),
+            telemetry=telemetry,
         )
     drop = frozenset({settings.api_key_header}) if settings.api_key_header else frozenset()
     proxy = ProxySettings(
@@ -70,9 +92,17 @@ def sidecar_from_settings(settings: SidecarSettings, env: Mapping[str, str]) -> 
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),
         annotations_ttl=settings.annotations_ttl,
         rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
-        audit=open_audit_store(settings.audit_url),
+        audit=_audit_store(settings, telemetry),
         audit_retention=timedelta(days=settings.audit_retention_days),
+        telemetry=telemetry,
     )
+
+
+def _audit_store(settings: SidecarSettings, telemetry: Telemetry | None) -> AuditStore:
+    audit = open_audit_store(settings.audit_url)
+    if settings.audit_otel_logs and telemetry is not None:
+        return ExportingAuditStore(audit, logger_provider=telemetry.logger_provider)
+    return audit
 
 
 async def serve_until_stopped(server: uvicorn.Server) -> None:

@@ -100,6 +100,8 @@ class SidecarSettings:
     stdio_cwd: str | None = None
     audit: str | None = None
     audit_retention_days: float = 90.0
+    audit_otel_logs: bool = False
+    otlp_endpoint: str | None = None
     operator_credentials: tuple[str, ...] = ()
     upstream_timeout: float = 300.0
     connect_timeout: float = 10.0
@@ -306,6 +308,13 @@ class SidecarSettings:
         if self.audit is not None:
             # The URL is never quoted back: a PostgreSQL one may hold a password.
             check("audit", _is_audit_url(self.audit), "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")
+        if self.otlp_endpoint is not None:
+            # The URL is never quoted back: a collector's URL may carry a credential.
+            message = "must be an http(s) URL of an OTLP/HTTP collector, without credentials or query"
+            check("otlp_endpoint", _is_upstream_url(self.otlp_endpoint), message)
+        if self.audit_otel_logs and self.otlp_endpoint is None:
+            message = "needs otlp_endpoint, the OTLP collector the audit logs are sent to"
+            issues.append(_Issue(("audit_otel_logs",), message, depends=("otlp_endpoint",)))
         bearer = [n for n in ("upstream_bearer_env", "upstream_bearer_file") if getattr(self, n) is not None]
         if len(bearer) == 2:
             issues.append(_Issue(tuple(bearer), "set at most one of upstream_bearer_env and upstream_bearer_file"))
@@ -403,6 +412,11 @@ class _Invalid(Exception):
     pass
 
 
+# How an environment variable or a string flag spells a switch.
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
+
+
 def _optional_text(raw: object, text: bool) -> object:
     if not isinstance(raw, str):
         raise _Invalid("expected a string")
@@ -424,6 +438,17 @@ def _number(raw: object, text: bool) -> object:
     if isinstance(raw, bool) or not isinstance(raw, int | float) or not math.isfinite(raw):
         raise _Invalid("expected a finite number")
     return float(raw)
+
+
+def _boolean(raw: object, text: bool) -> object:
+    if text and isinstance(raw, str):
+        lowered = raw.strip().lower()
+        if lowered not in _TRUE | _FALSE:
+            raise _Invalid("expected true or false")
+        return lowered in _TRUE
+    if not isinstance(raw, bool):
+        raise _Invalid("expected true or false")
+    return raw
 
 
 def _integer(raw: object, text: bool) -> object:
@@ -470,6 +495,7 @@ _BY_TYPE: dict[str, _Convert] = {
     "str": _text,
     "str | None": _optional_text,
     "float": _number,
+    "bool": _boolean,
     "int": _integer,
     "tuple[str, ...]": _names,
     "Mapping[str, str]": _table(_text),

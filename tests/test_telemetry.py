@@ -65,6 +65,9 @@ class ListAuditStore:
     async def delete_before(self, cutoff: datetime) -> int:
         return 0
 
+    async def ping(self) -> None:
+        return None
+
     async def close(self) -> None:
         return None
 
@@ -313,3 +316,20 @@ def test_endpoint_without_the_otlp_extra_is_a_config_error() -> None:
         pytest.skip("the otlp extra is installed here")
     with pytest.raises(ConfigError, match=r"mcpguard\[otlp\]"):
         configure_telemetry(service_name="mcpguard", otlp_endpoint="http://127.0.0.1:4318")
+
+
+def test_audit_logs_without_the_otlp_extra_are_a_config_error() -> None:
+    """Asking for audit logs too, without the otlp extra installed, fails the same way, naming the extra."""
+    try:
+        importlib.import_module("opentelemetry.exporter.otlp.proto.http._log_exporter")
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the otlp extra is installed here")
+    with pytest.raises(ConfigError, match=r"mcpguard\[otlp\]"):
+        configure_telemetry(service_name="mcpguard", otlp_endpoint="http://127.0.0.1:4318", logs=True)
+
+
+def test_configure_telemetry_without_an_endpoint_exports_no_audit_logs() -> None:
+    """Without an endpoint, asking for audit logs still means telemetry off: nothing to export them to."""
+    assert configure_telemetry(service_name="mcpguard", otlp_endpoint=None, logs=True) is None

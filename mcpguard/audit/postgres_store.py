@@ -59,6 +59,8 @@ _INSERT = insert_sql(_DIALECT)
 _COPY = f"COPY audit_events ({', '.join(COLUMNS)}) FROM STDIN"
 _DELETE = delete_sql(_DIALECT)
 _UNAVAILABLE = "audit store unavailable"
+# A readiness probe answers well within a load balancer's own probe timeout.
+_PING_TIMEOUT = 2.0
 _FAILURES = (psycopg.Error, OSError, TimeoutError)
 # What the server refuses in one entry (a repeated id, a number out of range) without anything being down.
 _REFUSED = (psycopg.DataError, psycopg.IntegrityError)
@@ -237,6 +239,23 @@ class PostgresAuditStore:
             return cursor.rowcount
 
         return await self._read(delete)
+
+    async def ping(self) -> None:
+        """Readiness: PostgreSQL answers ``SELECT 1`` within a few seconds; else ``StorageUnavailable``.
+
+        The probe uses a connection of its own, so it never waits behind a long query or a commit.
+        """
+        if self._closed or (self._writer_task is not None and self._writer_task.done()):
+            raise StorageUnavailable(_UNAVAILABLE)
+        try:
+            async with asyncio.timeout(min(_PING_TIMEOUT, self._timeout)):
+                conn = await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+                try:
+                    await conn.execute("SELECT 1")
+                finally:
+                    await _discard(conn)
+        except _FAILURES as exc:
+            raise StorageUnavailable(_UNAVAILABLE) from exc
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and close both connections."""

@@ -44,6 +44,9 @@ class AuditStore(Protocol):
     async def delete_before(self, cutoff: datetime) -> int:
         """Retention: delete entries older than ``cutoff``; how many."""
 
+    async def ping(self) -> None:
+        """Readiness: return if the store can take entries now, else raise ``StorageUnavailable``; cheap."""
+
     async def close(self) -> None:
         """Flush and release."""
 
