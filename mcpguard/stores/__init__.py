@@ -5,11 +5,48 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 
-from mcpguard.stores.base import KeyRecord, KeyStore, Store
+from mcpguard.stores.base import (
+    ClientRecord,
+    ClientStore,
+    CodeConsumption,
+    CodeOutcome,
+    CodeRecord,
+    CodeStore,
+    GrantRecord,
+    GrantStore,
+    KeyRecord,
+    KeyStore,
+    Rotation,
+    RotationOutcome,
+    Store,
+    UserRecord,
+    UserStore,
+)
 from mcpguard.stores.memory import MemoryStore
+from mcpguard.stores.refresh_families import MAX_GRACE
 from mcpguard.stores.sqlite import SQLiteStore
 
-__all__ = ["KeyRecord", "KeyStore", "MemoryStore", "SQLiteStore", "Store", "open_store"]
+__all__ = [
+    "ClientRecord",
+    "ClientStore",
+    "CodeConsumption",
+    "CodeOutcome",
+    "CodeRecord",
+    "CodeStore",
+    "GrantRecord",
+    "GrantStore",
+    "KeyRecord",
+    "KeyStore",
+    "MAX_GRACE",
+    "MemoryStore",
+    "Rotation",
+    "RotationOutcome",
+    "SQLiteStore",
+    "Store",
+    "UserRecord",
+    "UserStore",
+    "open_store",
+]
 
 # One entry per backend, each a factory taking the whole URL; Redis and PostgreSQL plug in here.
 _BACKENDS: Mapping[str, Callable[[str], Store]] = {

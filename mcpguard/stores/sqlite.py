@@ -1,9 +1,10 @@
-"""A store in one SQLite file (WAL), for a single host.
+"""A store in one SQLite file (WAL), for a single host: the connections and threads, and the key table.
 
 Writes and scans run on one dedicated thread, so the event loop never waits on SQLite's write lock.
-The hot-path read (one key by id, on every request) runs where it is asked, on a read-only connection
-of that thread's own: in WAL mode a reader never waits for a writer, and a thread hop would cost more
-than the read. Any SQLite or file-system failure becomes ``StorageUnavailable``.
+The hot-path reads (one key or one grant by id, on every request) run where they are asked, on a
+read-only connection of that thread's own: in WAL mode a reader never waits for a writer, and a thread
+hop would cost more than the read. Any SQLite or file-system failure becomes ``StorageUnavailable``.
+The authorization server's tables live in their own modules, as mixins of :class:`SQLiteStore`.
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ import sqlite3
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
 
 from mcpguard.errors import StorageUnavailable
 from mcpguard.stores.base import KeyRecord
+from mcpguard.stores.sqlite_grants import GRANT_SCHEMA, GrantTables
+from mcpguard.stores.sqlite_oauth import OAUTH_SCHEMA, OAuthTables
+from mcpguard.stores.sqlite_tables import from_timestamp, timestamp
 
 __all__ = ["SQLiteStore"]
 
@@ -52,15 +56,6 @@ _SELECT_TENANT = f"SELECT {_COLUMNS} FROM mcp_keys WHERE tenant = ? ORDER BY cre
 _REVOKE = f"UPDATE mcp_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE key_id = ? RETURNING {_COLUMNS}"  # noqa: S608 (see above)
 
 
-def _timestamp(value: datetime | None) -> str | None:
-    # Fixed-width UTC text, so that ORDER BY on the column is chronological.
-    return None if value is None else value.astimezone(UTC).isoformat(timespec="microseconds")
-
-
-def _datetime(value: str | None) -> datetime | None:
-    return None if value is None else datetime.fromisoformat(value)
-
-
 def _row(record: KeyRecord) -> tuple[str | None, ...]:
     return (
         record.key_id,
@@ -68,9 +63,9 @@ def _row(record: KeyRecord) -> tuple[str | None, ...]:
         record.name,
         " ".join(record.scopes),
         record.secret_hash,
-        _timestamp(record.created_at),
-        _timestamp(record.expires_at),
-        _timestamp(record.revoked_at),
+        timestamp(record.created_at),
+        timestamp(record.expires_at),
+        timestamp(record.revoked_at),
     )
 
 
@@ -82,9 +77,9 @@ def _record(row: Any) -> KeyRecord:
         name=name,
         scopes=tuple(scopes.split()),
         secret_hash=secret_hash,
-        created_at=datetime.fromisoformat(created_at),
-        expires_at=_datetime(expires_at),
-        revoked_at=_datetime(revoked_at),
+        created_at=from_timestamp(created_at),
+        expires_at=from_timestamp(expires_at),
+        revoked_at=from_timestamp(revoked_at),
     )
 
 
@@ -107,15 +102,15 @@ def _connect(path: str) -> sqlite3.Connection:
         # Wait for another process's write lock rather than fail at once; only this thread ever waits.
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.executescript(_SCHEMA)
+        conn.executescript(_SCHEMA + OAUTH_SCHEMA + GRANT_SCHEMA)
     except BaseException:
         conn.close()
         raise
     return conn
 
 
-class SQLiteStore:
-    """Key records in one SQLite file; the schema is created when the store is opened."""
+class SQLiteStore(OAuthTables, GrantTables):
+    """Every record in one SQLite file; the schema is created when the store is opened."""
 
     def __init__(self, path: str) -> None:
         self.url = _SCHEME + path
@@ -174,21 +169,19 @@ class SQLiteStore:
                 self._readers.append(conn)
         return conn
 
+    async def _read(self, operation: Callable[[sqlite3.Connection], _T]) -> _T:
+        if self._path == _IN_MEMORY:
+            return await self._run(operation)  # a private in-memory database has only the worker's connection
+        if self._closed:
+            raise StorageUnavailable(_UNAVAILABLE)
+        try:
+            return operation(self._reader())
+        except sqlite3.Error as exc:
+            raise StorageUnavailable(_UNAVAILABLE) from exc
+
     async def get_key(self, key_id: str) -> KeyRecord | None:
         """The record for ``key_id`` (revoked or not), or ``None``."""
-
-        def select(conn: sqlite3.Connection) -> list[Any]:
-            return conn.execute(_SELECT_ONE, (key_id,)).fetchall()
-
-        if self._path == _IN_MEMORY:
-            rows = await self._run(select)  # a private in-memory database has only the worker's connection
-        else:
-            if self._closed:
-                raise StorageUnavailable(_UNAVAILABLE)
-            try:
-                rows = select(self._reader())
-            except sqlite3.Error as exc:
-                raise StorageUnavailable(_UNAVAILABLE) from exc
+        rows = await self._read(lambda conn: conn.execute(_SELECT_ONE, (key_id,)).fetchall())
         return _record(rows[0]) if rows else None
 
     async def list_keys(self, tenant: str) -> list[KeyRecord]:
@@ -204,7 +197,7 @@ class SQLiteStore:
 
         def update(conn: sqlite3.Connection) -> list[Any]:
             # fetchall() runs the statement to its end, which is what commits it.
-            return conn.execute(_REVOKE, (_timestamp(at), key_id)).fetchall()
+            return conn.execute(_REVOKE, (timestamp(at), key_id)).fetchall()
 
         rows = await self._run(update)
         return _record(rows[0]) if rows else None
