@@ -19,10 +19,12 @@ from mcpguard.errors import (
     AuthenticationRequired,
     HeaderMismatch,
     InsufficientScope,
+    InvalidClient,
     InvalidRequest,
     InvalidToken,
     MCPGuardError,
     MethodNotAllowed,
+    OAuthError,
     PayloadTooLarge,
     RateLimited,
     SessionNotFound,
@@ -33,6 +35,16 @@ from mcpguard.errors import (
 )
 from mcpguard.guard import MCPGuard, build_guard, rate_limit_factory, stack_names
 from mcpguard.keyring import KeyRing
+from mcpguard.oauth import (
+    AccessTokenIssuer,
+    ClientMetadataError,
+    ClientMetadataFetcher,
+    SharedSecret,
+    SigningKeys,
+)
+from mcpguard.oauth.builtin import BuiltInAuthorizationServer, OAuthStore
+from mcpguard.oauth.settings import OAuthSettings, PreregisteredClient
+from mcpguard.oauth.users import Account, Authenticator, LocalUsers
 from mcpguard.principal import CredentialKind, Principal, current_principal
 from mcpguard.ratelimit import FailedAuthLimiter, RateLimitLayer, RateLimits, client_ip, open_limiter_storage
 from mcpguard.request_state import RequestState, state_of
@@ -40,7 +52,7 @@ from mcpguard.responses import send_json
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings
 from mcpguard.stores import open_store
-from mcpguard.stores.base import KeyRecord, KeyStore, Store
+from mcpguard.stores.base import GrantRecord, GrantStore, KeyRecord, KeyStore, Store, UserRecord, UserStore
 from mcpguard.telemetry import Telemetry, TelemetryLayer, configure_telemetry
 from mcpguard.tokens import JWTVerifier, TokenVerifier
 from mcpguard.tool_catalog import ToolCatalog, ToolLister
@@ -51,19 +63,28 @@ __all__ = [
     "ASSERTION_HEADER",
     "AUDIT",
     "AUDIT_FILTERS",
+    "AccessTokenIssuer",
+    "Account",
     "AssertionSigner",
     "AuditEvent",
     "AuditQuery",
     "AuditStore",
     "AuthenticationRequired",
+    "Authenticator",
+    "BuiltInAuthorizationServer",
+    "ClientMetadataError",
+    "ClientMetadataFetcher",
     "ConfigError",
     "CredentialKind",
     "Exchange",
     "ExportingAuditStore",
     "FailedAuthLimiter",
+    "GrantRecord",
+    "GrantStore",
     "GuardConfig",
     "HeaderMismatch",
     "InsufficientScope",
+    "InvalidClient",
     "InvalidRequest",
     "InvalidToken",
     "JWTVerifier",
@@ -71,12 +92,17 @@ __all__ = [
     "KeyRing",
     "KeyStore",
     "ListingError",
+    "LocalUsers",
     "MCPGuard",
     "MCPGuardError",
     "MemorySessionBindings",
     "MethodNotAllowed",
+    "OAuthError",
+    "OAuthSettings",
+    "OAuthStore",
     "PayloadTooLarge",
     "PostgresAuditStore",
+    "PreregisteredClient",
     "Principal",
     "READ",
     "RateLimitLayer",
@@ -87,6 +113,8 @@ __all__ = [
     "ScopePolicy",
     "SessionBindings",
     "SessionNotFound",
+    "SharedSecret",
+    "SigningKeys",
     "StorageUnavailable",
     "Store",
     "Telemetry",
@@ -97,6 +125,8 @@ __all__ = [
     "ToolLister",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "UserRecord",
+    "UserStore",
     "WRITE",
     "asgi_exchange",
     "build_guard",

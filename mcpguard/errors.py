@@ -15,6 +15,8 @@
     ├── PayloadTooLarge            413 request_too_large
     ├── MethodNotAllowed           405 method_not_allowed
     ├── RateLimited                429 rate_limited (carries Retry-After and the RateLimit headers)
+    ├── OAuthError                 400, the RFC 6749 code it names (invalid_grant, invalid_scope, …)
+    │   └── InvalidClient          401 invalid_client (client authentication failed)
     ├── StorageUnavailable         503 temporarily_unavailable (fail closed)
     ├── UpstreamUnavailable        502 bad_gateway (the server behind the guard could not be reached)
     └── UpstreamTimeout            504 gateway_timeout (the server behind the guard did not answer in time)
@@ -33,11 +35,13 @@ __all__ = [
     "AuthenticationRequired",
     "HeaderMismatch",
     "InsufficientScope",
+    "InvalidClient",
     "InvalidRequest",
     "InvalidToken",
     "MCPGuardError",
     "MethodNotAllowed",
     "MisdirectedRequest",
+    "OAuthError",
     "OriginNotAllowed",
     "PayloadTooLarge",
     "RateLimited",
@@ -226,6 +230,30 @@ class RateLimited(MCPGuardError):
             (b"ratelimit-remaining", str(self.remaining).encode()),
             (b"ratelimit-reset", str(self.reset).encode()),
         ]
+
+
+class OAuthError(MCPGuardError):
+    """An authorization-server endpoint refuses the request with the RFC 6749 / RFC 7591 code it names."""
+
+    status = 400
+
+    def __init__(self, error_code: str, description: str) -> None:
+        super().__init__(description)
+        self.error_code = error_code  # type: ignore[misc]  # per instance: the endpoint's own error vocabulary
+
+
+class InvalidClient(OAuthError):
+    """The client could not be authenticated (RFC 6749 §5.2): unknown, or a wrong secret."""
+
+    status = 401
+
+    def __init__(self, description: str, *, basic: bool = False) -> None:
+        super().__init__("invalid_client", description)
+        self._basic = basic
+
+    def challenge(self, resource_metadata: str | None) -> str | None:
+        # RFC 6749 §5.2: a client that tried HTTP Basic is answered with a Basic challenge.
+        return 'Basic realm="mcpguard"' if self._basic else None
 
 
 class StorageUnavailable(MCPGuardError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -14,9 +15,10 @@ from mcpguard.audit.api import AuditAPI
 from mcpguard.audit.recorder import AuditGate, AuditLayer, AuditStore
 from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
 from mcpguard.authorization import ScopeLayer
-from mcpguard.config import GuardConfig
+from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import MCPGuardError
 from mcpguard.metadata import PublicRoutes, resource_metadata_url
+from mcpguard.oauth.builtin import BuiltInAuthorizationServer
 from mcpguard.origins import OriginLayer
 from mcpguard.parsing import ParseLayer
 from mcpguard.pinning import PinningLayer
@@ -112,16 +114,19 @@ def build_guard(
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = None,
     telemetry: Telemetry | None = None,
+    authorization_server: Layer | None = None,
 ) -> ASGIApp:
     """Wrap ``app`` in the guard stack, outermost first:
 
-    entry → telemetry (when given) → audit → errors → public → origin → parse → authenticate → tenant →
+    entry → telemetry (when given) → audit → errors → public → authorization server (when given) →
+    origin → parse → authenticate → tenant →
     sessions → rate limit → audit API → scopes → pinning (when a tenant argument is configured) →
     audit start → app.
 
     Audit sits outside the error layer so it sees every outcome (401/403/429 included), and its gate
     sits last, so a call's start is committed only when it really is forwarded; Host and Origin
-    are checked before anything else is read (DNS rebinding), after the public metadata; parsing comes
+    are checked before anything else is read (DNS rebinding), after the public metadata and the OAuth
+    endpoints (which browser-based clients call cross-origin, and which check their own forms); parsing comes
     before authentication so nothing is decided on a body the server would read differently; the
     rate limit counts every authenticated call, refused by scope or not. A session is checked against
     its owner before anything is counted or forwarded under it. Telemetry sits outside audit, so a span's
@@ -153,6 +158,8 @@ def build_guard(
     )
     inner = ParseLayer(inner, config)
     inner = OriginLayer(inner, config)
+    if authorization_server is not None:
+        inner = authorization_server(inner)
     inner = PublicRoutes(inner, config, openapi=audit is not None)
     inner = ErrorLayer(inner, config)
     if audit is not None:
@@ -187,7 +194,9 @@ class MCPGuard:
     Rate limits are on by default (``RateLimits()``: 100 tool calls a minute per tenant, 20 failed
     authentications a minute per client address), counted in this process unless ``rate_limit_store``
     names a shared store; ``rate_limits=None`` turns the tenant limit off. Telemetry is off unless
-    ``telemetry`` is given (``Telemetry()`` records to the global OpenTelemetry providers).
+    ``telemetry`` is given (``Telemetry()`` records to the global OpenTelemetry providers). With ``oauth``,
+    the guard serves that authorization server's endpoints, accepts its access tokens, and names it in
+    the protected-resource metadata.
     """
 
     def __init__(
@@ -204,20 +213,34 @@ class MCPGuard:
         audit: AuditStore | None = None,
         audit_retention: timedelta | None = timedelta(days=90),
         telemetry: Telemetry | None = None,
+        oauth: BuiltInAuthorizationServer | None = None,
     ) -> None:
-        self.config = config if config is not None else GuardConfig()
+        config = config if config is not None else GuardConfig()
+        authorization_server: Layer | None = None
         storage = open_limiter_storage(rate_limit_store)
+        failed_auth = FailedAuthLimiter(storage, limit=failed_auth_limit)
+        if oauth is not None:
+            if tokens is not None:
+                raise ConfigError(["give either tokens or oauth: the built-in server verifies its own tokens"])
+            tokens = oauth.verifier
+            if not config.authorization_servers:
+                config = replace(config, authorization_servers=(oauth.settings.origin,))
+            authorization_server = oauth.layer(
+                failed_auth=failed_auth, trusted_proxies=frozenset(config.trusted_proxies)
+            )
+        self.config = config
         self._stack = build_guard(
             app,
             self.config,
             keys=keys,
             tokens=tokens,
             tool_lister=tool_lister,
-            failed_auth=FailedAuthLimiter(storage, limit=failed_auth_limit),
+            failed_auth=failed_auth,
             rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
             audit=audit,
             audit_retention=audit_retention,
             telemetry=telemetry,
+            authorization_server=authorization_server,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

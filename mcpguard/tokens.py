@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import numbers
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit
 
 import jwt
@@ -20,7 +21,10 @@ from jwt.types import Options
 from mcpguard.errors import InvalidToken, StorageUnavailable
 from mcpguard.principal import CredentialKind, Principal
 
-__all__ = ["JWTVerifier", "TokenVerifier"]
+__all__ = ["GrantCheck", "JWTVerifier", "TokenVerifier", "VerificationKeys"]
+
+GrantCheck: TypeAlias = Callable[[str], Awaitable[bool]]
+"""Whether the grant with this id is still live; raises ``StorageUnavailable`` when its store cannot answer."""
 
 _REQUIRED_CLAIMS = ("exp", "iat", "jti", "iss", "aud", "sub")
 _NUMERIC_DATES = ("exp", "iat", "nbf")
@@ -49,19 +53,34 @@ class TokenVerifier(Protocol):
         ...
 
 
+@runtime_checkable
+class VerificationKeys(Protocol):
+    """A local key set that picks a token's key by its ``kid`` header, asked on every token so a key rotated in
+    is used without rebuilding the verifier (``mcpguard.oauth.SigningKeys`` and ``SharedSecret`` are ones).
+    """
+
+    def verification_key(self, kid: str | None, /) -> jwt.PyJWK | None:
+        """The public key named ``kid``; for no kid, the only key when there is exactly one; else ``None``."""
+        ...
+
+
 class JWTVerifier:
     """Verifies JWT access tokens from one issuer, for one audience, with one key source.
 
     ``key`` is an HMAC secret when ``algorithms`` are HS*, and otherwise a public key (object, PEM or
-    JWK), a ``jwt.PyJWKClient``, or the ``https://`` URL of the issuer's JWKS.
+    JWK), a ``jwt.PyJWKClient``, or the ``https://`` URL of the issuer's JWKS; or a local
+    ``VerificationKeys`` set. With ``grant_check``, every token must name its grant (``gid``) and that grant
+    must still be live, asked once per token: a revoked grant stops its access tokens at once.
     """
 
     __slots__ = (
         "_algorithms",
         "_audience",
+        "_grant_check",
         "_issuer",
         "_jwks",
         "_key",
+        "_key_set",
         "_leeway",
         "_max_token_bytes",
         "_options",
@@ -74,12 +93,13 @@ class JWTVerifier:
         *,
         issuer: str,
         audience: str,
-        key: str | bytes | PublicKeyTypes | jwt.PyJWK | jwt.PyJWKClient,
+        key: str | bytes | PublicKeyTypes | jwt.PyJWK | jwt.PyJWKClient | VerificationKeys,
         algorithms: Sequence[str] = ("EdDSA",),
         tenant_claim: str = "tenant",
         scope_claim: str = "scope",
         leeway: float = 30,
         max_token_bytes: int = 8192,
+        grant_check: GrantCheck | None = None,
     ) -> None:
         if not issuer or not audience:
             raise ValueError("issuer and audience must be non-empty")
@@ -94,14 +114,20 @@ class JWTVerifier:
         self._scope_claim = scope_claim
         self._leeway = leeway
         self._max_token_bytes = max_token_bytes
+        self._grant_check = grant_check
+        # Without its grant id a token could not be revoked, so a revocation-checking verifier requires one.
+        required = (*_REQUIRED_CLAIMS, tenant_claim, *(("gid",) if grant_check is not None else ()))
         self._options: Options = {
-            "require": list(dict.fromkeys((*_REQUIRED_CLAIMS, tenant_claim))),
+            "require": list(dict.fromkeys(required)),
             "enforce_minimum_key_length": True,
         }
         self._jwks: jwt.PyJWKClient | None = None
+        self._key_set: VerificationKeys | None = None
         self._key: Any = None
         if isinstance(key, jwt.PyJWKClient):
             self._jwks = key
+        elif isinstance(key, VerificationKeys):
+            self._key_set = key
         elif isinstance(key, str) and key.startswith(("https://", "http://")) and not _symmetric(self._algorithms):
             self._jwks = jwt.PyJWKClient(_checked_jwks_url(key), timeout=_JWKS_TIMEOUT_SECONDS)
         else:
@@ -110,7 +136,8 @@ class JWTVerifier:
     async def verify(self, token: str) -> Principal:
         """The principal ``token`` proves, or ``InvalidToken`` when it is refused.
 
-        An unreachable JWKS raises ``StorageUnavailable`` (503): the token may be fine, so fail closed.
+        An unreachable JWKS, or a grant store that cannot answer, raises ``StorageUnavailable`` (503): the
+        token may be fine, so fail closed.
         """
         # Compared before parsing so an oversized token costs nothing; a non-ASCII one is no JWS at all.
         if len(token) > self._max_token_bytes:
@@ -122,6 +149,8 @@ class JWTVerifier:
             key = self._key
             if self._jwks is not None:
                 key = await asyncio.to_thread(self._jwks.get_signing_key_from_jwt, token)
+            elif self._key_set is not None:
+                key = self._local_key(self._key_set, token)
             claims = jwt.decode(
                 token,
                 key,
@@ -137,7 +166,20 @@ class JWTVerifier:
             raise InvalidToken(f"token missing claim {exc.claim}") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(_describe(exc)) from None
-        return self._principal(claims)
+        principal = self._principal(claims)
+        # Asked only after the signature and claims hold, so forged tokens never reach the grant store.
+        if self._grant_check is not None and await self._grant_check(_text(claims, "gid")) is not True:
+            raise InvalidToken("token revoked")
+        return principal
+
+    @staticmethod
+    def _local_key(key_set: VerificationKeys, token: str) -> jwt.PyJWK:
+        # The kid is only a lookup key into the set, never a path or URL, so its content cannot steer anything.
+        kid = _unverified_kid(token)
+        key = key_set.verification_key(kid)
+        if key is None:
+            raise InvalidToken("token signing key unknown" if kid is not None else "token key id missing")
+        return key
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:
         for name in _NUMERIC_DATES:
@@ -168,6 +210,22 @@ class JWTVerifier:
         if isinstance(raw, list) and all(isinstance(scope, str) and scope for scope in raw):
             return frozenset(raw)
         raise InvalidToken("token scope malformed")
+
+
+def _unverified_kid(token: str) -> str | None:
+    # Only the header segment is read: jwt.get_unverified_header would decode and check the whole token,
+    # which decode() then does again, and the signature check that follows covers these header bytes.
+    try:
+        header = json.loads(jwt.utils.base64url_decode(token.partition(".")[0]))
+    except (ValueError, RecursionError):
+        # RecursionError: a header of a few thousand nested brackets exhausts the JSON decoder.
+        raise InvalidToken("token malformed") from None
+    if not isinstance(header, dict):
+        raise InvalidToken("token malformed")
+    kid = header.get("kid")
+    if "kid" in header and not isinstance(kid, str):
+        raise InvalidToken("token malformed")
+    return kid
 
 
 def _describe(exc: jwt.PyJWTError) -> str:

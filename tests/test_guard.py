@@ -187,7 +187,8 @@ def forwarded_after(g: Guarded, before: int) -> list[Seen]:
 
 
 def test_stack_order_is_decided_in_one_place() -> None:
-    """build_guard assembles the layers in the documented order, audit, telemetry and rate-limit slots included."""
+    """build_guard assembles the layers in the documented order, audit, telemetry, authorization-server and
+    rate-limit slots included."""
 
     def slot(name: str) -> Any:
         def make(app: Any) -> Any:
@@ -198,13 +199,21 @@ def test_stack_order_is_decided_in_one_place() -> None:
 
     store = SQLiteAuditStore(":memory:")
     telemetry = Telemetry(tracer_provider=NoOpTracerProvider(), meter_provider=NoOpMeterProvider())
-    guard = build_guard(RecordingApp(), GuardConfig(), rate_limit=slot("rate_limit"), audit=store, telemetry=telemetry)
+    guard = build_guard(
+        RecordingApp(),
+        GuardConfig(),
+        rate_limit=slot("rate_limit"),
+        audit=store,
+        telemetry=telemetry,
+        authorization_server=slot("authorization_server"),
+    )
     assert stack_names(guard) == [
         "entry",
         "telemetry",
         "audit",
         "errors",
         "public",
+        "authorization_server",
         "origin",
         "parse",
         "authenticate",

@@ -380,3 +380,126 @@ def test_unreachable_jwks_fails_closed(key: Ed25519PrivateKey) -> None:
     verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=f"http://127.0.0.1:{port}/jwks.json")
     with pytest.raises(StorageUnavailable):
         verify(verifier, sign(key, claims(), kid=KID))
+
+
+class KeySet:
+    """A local key set keyed by kid, which can gain keys while a verifier holds it."""
+
+    def __init__(self, **keys: Ed25519PrivateKey) -> None:
+        self.keys: dict[str, jwt.PyJWK] = {}
+        for kid, private in keys.items():
+            self.add(kid, private)
+
+    def add(self, kid: str, private: Ed25519PrivateKey) -> None:
+        self.keys[kid] = jwt.PyJWK(jwt.algorithms.OKPAlgorithm.to_jwk(private.public_key(), as_dict=True), "EdDSA")
+
+    def verification_key(self, kid: str | None, /) -> jwt.PyJWK | None:
+        if kid is None:
+            return next(iter(self.keys.values())) if len(self.keys) == 1 else None
+        return self.keys.get(kid)
+
+
+def test_key_set_picks_the_key_by_kid(key: Ed25519PrivateKey) -> None:
+    """With a local key set the token's kid selects the key, and a key added later is used without a new verifier."""
+    keys = KeySet(first=key)
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=keys)
+    assert verify(verifier, sign(key, claims(), kid="first")).subject == "user-1"
+    second = Ed25519PrivateKey.generate()
+    keys.add("second", second)
+    assert verify(verifier, sign(second, claims(), kid="second")).subject == "user-1"
+    assert verify(verifier, sign(key, claims(), kid="first")).subject == "user-1"
+
+
+@pytest.mark.threat("T-TOKEN-FORGE")
+def test_key_set_unknown_or_crossed_kid_refused(key: Ed25519PrivateKey) -> None:
+    """An unknown kid is refused as such, and one key's signature under the other key's kid fails."""
+    other = Ed25519PrivateKey.generate()
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=KeySet(first=key, second=other))
+    assert refusal(verifier, sign(key, claims(), kid="third")) == "token signing key unknown"
+    assert refusal(verifier, sign(key, claims(), kid="second")) == "token signature invalid"
+
+
+@pytest.mark.threat("T-TOKEN-FORGE")
+def test_key_set_missing_kid_refused_when_ambiguous(key: Ed25519PrivateKey) -> None:
+    """Without a kid the only key is used, but with two keys the token is refused rather than tried on each."""
+    keys = KeySet(first=key)
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=keys)
+    assert verify(verifier, sign(key, claims())).subject == "user-1"
+    keys.add("second", Ed25519PrivateKey.generate())
+    assert refusal(verifier, sign(key, claims())) == "token key id missing"
+
+
+@pytest.mark.threat("T-TOKEN-FORGE")
+@pytest.mark.parametrize(
+    "header",
+    [b64(b"[" * 5000), b64(b"[]"), b64(b"not json"), b64(b'{"kid": 7}'), "!!!", "", b64(b"\xff\xfe")],
+)
+def test_key_set_malformed_header_refused(key: Ed25519PrivateKey, header: str) -> None:
+    """A header that is not a JSON object with a string kid is malformed, however deeply it nests."""
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=KeySet(first=key))
+    assert refusal(verifier, f"{header}.{segment(claims())}.c2ln") == "token malformed"
+
+
+class Grants:
+    """Grant liveness as a store would answer it, counting every question."""
+
+    def __init__(self, *live: str, failing: bool = False) -> None:
+        self.live = set(live)
+        self.failing = failing
+        self.asked: list[str] = []
+
+    async def check(self, grant_id: str) -> bool:
+        self.asked.append(grant_id)
+        if self.failing:
+            raise StorageUnavailable("the grant store is unavailable; try again shortly")
+        return grant_id in self.live
+
+
+def grant_verifier(key: Ed25519PrivateKey, grants: Grants) -> JWTVerifier:
+    return JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=key.public_key(), grant_check=grants.check)
+
+
+def test_live_grant_is_asked_on_every_request(key: Ed25519PrivateKey) -> None:
+    """A token of a live grant passes, and the grant is asked once per verification, never remembered."""
+    grants = Grants("grant-1")
+    verifier = grant_verifier(key, grants)
+    token = sign(key, claims())
+    assert verify(verifier, token).credential_id == "grant-1"
+    assert verify(verifier, token).credential_id == "grant-1"
+    assert grants.asked == ["grant-1", "grant-1"]
+
+
+@pytest.mark.threat("T-GRANT-REVOKED-TOKEN")
+def test_revoked_grant_refused_at_once(key: Ed25519PrivateKey) -> None:
+    """A token that passed a moment ago is refused as revoked on the first request after its grant ends."""
+    grants = Grants("grant-1")
+    verifier = grant_verifier(key, grants)
+    token = sign(key, claims())
+    assert verify(verifier, token).subject == "user-1"
+    grants.live.clear()
+    assert refusal(verifier, token) == "token revoked"
+
+
+@pytest.mark.threat("T-GRANT-REVOKED-TOKEN")
+def test_token_without_grant_refused_when_grants_are_checked(key: Ed25519PrivateKey) -> None:
+    """With grant checks on, a token naming no grant (so not revocable) is refused before any store call."""
+    grants = Grants("token-1", "grant-1")
+    assert refusal(grant_verifier(key, grants), sign(key, claims(drop=("gid",)))) == "token missing claim gid"
+    assert grants.asked == []
+
+
+@pytest.mark.threat("T-GRANT-REVOKED-TOKEN", "T-STORE-FAIL")
+def test_grant_store_outage_fails_closed(key: Ed25519PrivateKey) -> None:
+    """When the grant store cannot answer, verification raises StorageUnavailable (503) instead of passing."""
+    with pytest.raises(StorageUnavailable):
+        verify(grant_verifier(key, Grants("grant-1", failing=True)), sign(key, claims()))
+
+
+@pytest.mark.threat("T-TOKEN-FORGE")
+def test_forged_token_refused_before_grant_store(key: Ed25519PrivateKey) -> None:
+    """A token with a bad signature never reaches the grant store, so forgeries cannot load it."""
+    grants = Grants("grant-1")
+    assert refusal(grant_verifier(key, grants), sign(Ed25519PrivateKey.generate(), claims())) == (
+        "token signature invalid"
+    )
+    assert grants.asked == []

@@ -1,0 +1,528 @@
+"""The authorization server's endpoints under attack, over every store backend, on a real socket: PKCE
+downgrades, redirect-URI games, code and refresh replays, another resource or audience, forged consent
+forms, tenants outside the membership, and scope widening."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+from mcp.shared.auth import OAuthMetadata
+
+from tests.oauth.consent_client import CSRF_COOKIE, consent, form_of
+from tests.oauth.flow_helpers import (
+    MCP_HEADERS,
+    PASSWORD,
+    REDIRECT,
+    STATELESS_LIST,
+    Deployment,
+    Pkce,
+    authorize_url,
+    deploy,
+    register,
+)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
+    """The guarded server with the built-in authorization server, over each store backend."""
+    with deploy(request.param, tmp_path) as running:
+        yield running
+
+
+def run(body: Any) -> Any:
+    """Run ``body(http)`` with a fresh HTTP client."""
+
+    async def main() -> Any:
+        async with httpx.AsyncClient(timeout=20) as http:
+            return await body(http)
+
+    return asyncio.run(main())
+
+
+def query_of(location: str | None) -> dict[str, str]:
+    """The query parameters of a redirect, one value each."""
+    assert location is not None
+    return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+
+
+async def code_for(
+    http: httpx.AsyncClient,
+    deployment: Deployment,
+    client_id: str,
+    pkce: Pkce,
+    *,
+    user: str = "ada@acme.test",
+    **overrides: str | None,
+) -> str:
+    """Sign in as ``user``, approve, and return the authorization code."""
+    result = await consent(
+        http, authorize_url(deployment, client_id, pkce, **overrides), username=user, password=PASSWORD
+    )
+    return query_of(result.location)["code"]
+
+
+async def exchange(
+    http: httpx.AsyncClient, deployment: Deployment, client_id: str, code: str, verifier: str | None, **extra: str
+) -> httpx.Response:
+    """POST the code to /token."""
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT, "client_id": client_id}
+    if verifier is not None:
+        form["code_verifier"] = verifier
+    return await http.post(f"{deployment.url}/token", data=form | extra)
+
+
+async def refresh(
+    http: httpx.AsyncClient, deployment: Deployment, client_id: str, token: str, **extra: str
+) -> httpx.Response:
+    """POST a refresh grant to /token."""
+    form = {"grant_type": "refresh_token", "refresh_token": token, "client_id": client_id}
+    return await http.post(f"{deployment.url}/token", data=form | extra)
+
+
+async def tools_list(http: httpx.AsyncClient, deployment: Deployment, access_token: str) -> httpx.Response:
+    """A tools/list call at the protected resource with ``access_token``."""
+    return await http.post(
+        deployment.resource,
+        headers=MCP_HEADERS | {"authorization": f"Bearer {access_token}"},
+        json=STATELESS_LIST,
+    )
+
+
+async def tokens_for(
+    http: httpx.AsyncClient, deployment: Deployment, **overrides: str | None
+) -> tuple[str, dict[str, Any]]:
+    """A registered client id and the token response of a fresh approval."""
+    client_id = (await register(http, deployment))["client_id"]
+    pkce = Pkce.new()
+    code = await code_for(http, deployment, client_id, pkce, **overrides)
+    answer = await exchange(http, deployment, client_id, code, pkce.verifier)
+    assert answer.status_code == 200, answer.text
+    return client_id, answer.json()
+
+
+def test_metadata_is_rfc8414_and_names_s256_only(deployment: Deployment) -> None:
+    """Both discovery paths serve the same document: exact issuer, S256 only, RFC 9207 iss, every endpoint;
+    the resource's RFC 9728 metadata names this issuer."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        for path in ("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration"):
+            document = (await http.get(deployment.url + path)).json()
+            OAuthMetadata.model_validate(document)
+            assert document["issuer"] == deployment.url
+            assert document["code_challenge_methods_supported"] == ["S256"]
+            assert document["authorization_response_iss_parameter_supported"] is True
+            assert document["token_endpoint"] == f"{deployment.url}/token"
+        keys = (await http.get(f"{deployment.url}/jwks.json")).json()["keys"]
+        assert keys
+        assert all("d" not in key for key in keys)
+        resource = (await http.get(f"{deployment.url}/.well-known/oauth-protected-resource/mcp")).json()
+        assert resource["authorization_servers"] == [deployment.url]
+
+    run(body)
+
+
+@pytest.mark.threat("T-PKCE-DOWNGRADE")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"code_challenge_method": "plain"},
+        {"code_challenge_method": None},
+        {"code_challenge": None},
+        {"code_challenge": "short"},
+    ],
+)
+def test_authorize_refuses_pkce_downgrade(deployment: Deployment, overrides: dict[str, str | None]) -> None:
+    """Without an S256 challenge the request goes back to the client as invalid_request, with state and iss."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), state="s1", **overrides))
+        assert answer.status_code == 303
+        query = query_of(answer.headers["location"])
+        assert (query["error"], query["state"], query["iss"]) == ("invalid_request", "s1", deployment.url)
+        assert "code" not in query
+
+    run(body)
+
+
+@pytest.mark.threat("T-PKCE-DOWNGRADE")
+@pytest.mark.parametrize("verifier", [None, "wrong-" + "x" * 60, "short"])
+def test_token_refuses_missing_or_wrong_verifier_and_burns_the_code(
+    deployment: Deployment, verifier: str | None
+) -> None:
+    """A missing or wrong code_verifier is invalid_grant, and the code cannot be tried again with the right one."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        wrong = await exchange(http, deployment, client_id, code, verifier)
+        assert (wrong.status_code, wrong.json()["error"]) == (400, "invalid_grant")
+        right = await exchange(http, deployment, client_id, code, pkce.verifier)
+        assert (right.status_code, right.json()["error"]) == (400, "invalid_grant")
+
+    run(body)
+
+
+@pytest.mark.threat("T-REDIRECT-URI")
+@pytest.mark.parametrize(
+    "redirect_uri",
+    [
+        REDIRECT + "/",
+        REDIRECT.upper(),
+        REDIRECT.replace("callback", "CALLBACK"),
+        REDIRECT + "?x=1",
+        REDIRECT + "#frag",
+        "https://evil.example/callback",
+        "http://127.0.0.1:1/callback/../evil",
+        "",
+        None,
+    ],
+)
+def test_authorize_refuses_redirect_uri_variants_without_redirecting(
+    deployment: Deployment, redirect_uri: str | None
+) -> None:
+    """Any redirect URI but the registered one, byte for byte, is answered here with an error page, never a
+    redirect (so an attacker cannot steer a code or an error to a place of their choosing)."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), redirect_uri=redirect_uri))
+        assert answer.status_code == 400
+        assert "location" not in answer.headers
+        assert answer.headers["content-type"].startswith("text/html")
+
+    run(body)
+
+
+@pytest.mark.threat("T-REDIRECT-URI")
+@pytest.mark.parametrize(
+    "uris",
+    [
+        ["http://evil.example/cb"],
+        ["https://ok.example/cb#frag"],
+        ["javascript:alert(1)"],
+        [],
+        ["https://u:p@h.example/"],
+        ["not a url"],
+    ],
+)
+def test_registration_refuses_unsafe_redirect_uris(deployment: Deployment, uris: list[str]) -> None:
+    """Registration takes only https redirect URIs, or http on a loopback host, without fragment or userinfo."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        answer = await http.post(f"{deployment.url}/register", json={"redirect_uris": uris})
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_redirect_uri")
+
+    run(body)
+
+
+@pytest.mark.threat("T-CODE-REPLAY")
+def test_code_replay_revokes_what_the_code_issued(deployment: Deployment) -> None:
+    """The second exchange of a code fails, and the tokens of the first stop working at once."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        first = await exchange(http, deployment, client_id, code, pkce.verifier)
+        assert first.status_code == 200
+        tokens = first.json()
+        assert (await tools_list(http, deployment, tokens["access_token"])).status_code == 200
+        again = await exchange(http, deployment, client_id, code, pkce.verifier)
+        assert (again.status_code, again.json()["error"]) == (400, "invalid_grant")
+        assert (await tools_list(http, deployment, tokens["access_token"])).status_code == 401
+        dead = await refresh(http, deployment, client_id, tokens["refresh_token"])
+        assert dead.json()["error"] == "invalid_grant"
+
+    run(body)
+
+
+@pytest.mark.threat("T-CODE-REPLAY")
+def test_code_from_another_client_is_refused(deployment: Deployment) -> None:
+    """A code stolen by another registered client cannot be exchanged by it."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        victim = (await register(http, deployment))["client_id"]
+        thief = (await register(http, deployment))["client_id"]
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, victim, pkce)
+        stolen = await exchange(http, deployment, thief, code, pkce.verifier)
+        assert (stolen.status_code, stolen.json()["error"]) == (400, "invalid_grant")
+
+    run(body)
+
+
+@pytest.mark.threat("T-TOKEN-PASSTHROUGH")
+def test_resource_of_another_server_is_refused(deployment: Deployment) -> None:
+    """Authorizing for another resource, or naming one at the token endpoint, is invalid_target."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), resource="https://other.example/mcp"))
+        assert query_of(answer.headers["location"])["error"] == "invalid_target"
+        missing = await http.get(authorize_url(deployment, client_id, Pkce.new(), resource=None))
+        assert query_of(missing.headers["location"])["error"] == "invalid_request"
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        other = await exchange(http, deployment, client_id, code, pkce.verifier, resource="https://other.example/mcp")
+        assert (other.status_code, other.json()["error"]) == (400, "invalid_target")
+
+    run(body)
+
+
+@pytest.mark.threat("T-TOKEN-PASSTHROUGH")
+def test_token_for_another_audience_is_refused_at_the_resource(deployment: Deployment) -> None:
+    """A token signed by this very issuer but for another resource is refused (401)."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        _, tokens = await tokens_for(http, deployment)
+        grants = await deployment.store.list_grants("acme")
+        foreign = deployment.oauth.issuer.issue(
+            audience="https://other.example/mcp",
+            subject="user:x",
+            tenant="acme",
+            scopes=["mcp:read"],
+            client_id="c",
+            grant_id=grants[0].grant_id,
+        )
+        assert (await tools_list(http, deployment, foreign.token)).status_code == 401
+        assert (await tools_list(http, deployment, tokens["access_token"])).status_code == 200
+
+    run(body)
+
+
+@pytest.mark.threat("T-REFRESH-REPLAY")
+def test_sequential_refresh_replay_revokes_the_family(deployment: Deployment) -> None:
+    """A rotated refresh token presented again revokes the family: the newest refresh and access tokens die."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, first = await tokens_for(http, deployment)
+        second = (await refresh(http, deployment, client_id, first["refresh_token"])).json()
+        assert second["refresh_token"] != first["refresh_token"]
+        assert (await tools_list(http, deployment, second["access_token"])).status_code == 200
+        replay = await refresh(http, deployment, client_id, first["refresh_token"])
+        assert (replay.status_code, replay.json()["error"]) == (400, "invalid_grant")
+        assert (await refresh(http, deployment, client_id, second["refresh_token"])).status_code == 400
+        assert (await tools_list(http, deployment, second["access_token"])).status_code == 401
+        grants = await deployment.store.list_grants("acme")
+        assert [g.revoked_reason for g in grants] == ["reuse"]
+
+    run(body)
+
+
+@pytest.mark.threat("T-REFRESH-REPLAY")
+def test_twenty_concurrent_refreshes_leave_no_live_token(deployment: Deployment) -> None:
+    """Twenty refreshes of one token at once: at most one gets tokens, the reuse revokes the family, and no
+    token of it works afterwards (never two live refresh tokens, never tokens from a revoked family)."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, first = await tokens_for(http, deployment)
+        answers = await asyncio.gather(
+            *(refresh(http, deployment, client_id, first["refresh_token"]) for _ in range(20))
+        )
+        winners = [a.json() for a in answers if a.status_code == 200]
+        assert len(winners) <= 1
+        assert all(a.json()["error"] == "invalid_grant" for a in answers if a.status_code != 200)
+        for won in winners:
+            assert (await tools_list(http, deployment, won["access_token"])).status_code == 401
+            assert (await refresh(http, deployment, client_id, won["refresh_token"])).status_code == 400
+        grants = await deployment.store.list_grants("acme")
+        assert grants[0].revoked_reason == "reuse"
+
+    run(body)
+
+
+@pytest.mark.threat("T-SCOPE-ESCALATE")
+def test_refresh_cannot_widen_scope_or_change_resource(deployment: Deployment) -> None:
+    """Asking for more scope on refresh is invalid_scope; naming another resource is invalid_target."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, first = await tokens_for(http, deployment)
+        wider = await refresh(http, deployment, client_id, first["refresh_token"], scope="mcp:read mcp:admin")
+        assert (wider.status_code, wider.json()["error"]) == (400, "invalid_scope")
+        other = await refresh(http, deployment, client_id, first["refresh_token"], resource="https://other.example/mcp")
+        assert (other.status_code, other.json()["error"]) == (400, "invalid_target")
+        same = await refresh(http, deployment, client_id, first["refresh_token"], scope="mcp:read")
+        assert same.json()["scope"] == "mcp:read"
+
+    run(body)
+
+
+@pytest.mark.threat("T-SCOPE-ESCALATE")
+def test_user_grants_only_the_scopes_they_hold(deployment: Deployment) -> None:
+    """ada (read only) approving a request for read and admin grants read alone; a wipe call is refused."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        _, tokens = await tokens_for(http, deployment, scope="mcp:read mcp:admin")
+        assert tokens["scope"] == "mcp:read"
+
+    run(body)
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+def test_grant_is_bound_to_the_chosen_tenant_and_only_a_member_one(deployment: Deployment) -> None:
+    """bob picks globex and his token is bound to it; a forged form naming a tenant he is not in is refused."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        pkce = Pkce.new()
+        result = await consent(
+            http,
+            authorize_url(deployment, client_id, pkce),
+            username="bob@acme.test",
+            password=PASSWORD,
+            tenant="globex",
+        )
+        code = query_of(result.location)["code"]
+        tokens = (await exchange(http, deployment, client_id, code, pkce.verifier)).json()
+        principal = await deployment.oauth.verifier.verify(tokens["access_token"])
+        assert principal.tenant == "globex"
+        forged = await consent(
+            http,
+            authorize_url(deployment, client_id, Pkce.new()),
+            username="bob@acme.test",
+            password=PASSWORD,
+            tenant="initech",
+        )
+        assert forged.responses[-1].status_code == 403
+        assert forged.location is None
+
+    run(body)
+
+
+@pytest.mark.threat("T-CONSENT-CSRF")
+def test_consent_post_without_the_csrf_cookie_or_token_is_refused(deployment: Deployment) -> None:
+    """A cross-site form post (no cookie, or a token that is not the cookie's) never signs in or approves."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        page = await http.get(authorize_url(deployment, client_id, Pkce.new()))
+        cookie = page.headers["set-cookie"]
+        assert cookie.startswith(f"{CSRF_COOKIE}=")
+        assert all(flag in cookie for flag in ("Secure", "HttpOnly", "SameSite=Strict", "Path=/"))
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        fields = form_of(page.text).fields | {"username": "ada@acme.test", "password": PASSWORD}
+        async with httpx.AsyncClient() as bare:
+            no_cookie = await bare.post(f"{deployment.url}/authorize", data=fields)
+            assert no_cookie.status_code == 403
+            other = await bare.post(
+                f"{deployment.url}/authorize",
+                data=fields | {"csrf": "x" * 43},
+                headers={"cookie": f"{CSRF_COOKIE}={'y' * 43}"},
+            )
+            assert other.status_code == 403
+
+    run(body)
+
+
+@pytest.mark.threat("T-CONSENT-CSRF")
+def test_forged_sign_in_ticket_is_refused(deployment: Deployment) -> None:
+    """The consent step needs the ticket the server MACed at sign-in: an altered one is refused."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        page = await http.get(authorize_url(deployment, client_id, Pkce.new()))
+        cookie = (
+            {"cookie": f"{CSRF_COOKIE}={page.cookies[CSRF_COOKIE]}"}
+            if CSRF_COOKIE in page.cookies
+            else {"cookie": page.headers["set-cookie"].split(";")[0]}
+        )
+        fields = form_of(page.text).fields | {"username": "ada@acme.test", "password": PASSWORD}
+        consent_page = await http.post(f"{deployment.url}/authorize", data=fields, headers=cookie)
+        decide = form_of(consent_page.text).fields | {"decision": "approve", "tenant": "acme"}
+        encoded, _, mac = decide["ticket"].partition(".")
+        decide["ticket"] = encoded[:-2] + ("AA" if encoded[-2:] != "AA" else "BB") + "." + mac
+        answer = await http.post(f"{deployment.url}/authorize", data=decide, headers=cookie)
+        assert answer.status_code == 403
+        assert "location" not in answer.headers
+
+    run(body)
+
+
+def test_wrong_password_shows_the_form_again_without_a_code(deployment: Deployment) -> None:
+    """A wrong password is answered with the sign-in form (401) and no redirect."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        result = await consent(
+            http,
+            authorize_url(deployment, client_id, Pkce.new()),
+            username="ada@acme.test",
+            password="not the password at all",
+        )
+        assert [r.status_code for r in result.responses] == [200, 401]
+        assert result.location is None
+
+    run(body)
+
+
+def test_denied_consent_redirects_access_denied(deployment: Deployment) -> None:
+    """Deny sends the client access_denied with its state and no code."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        result = await consent(
+            http,
+            authorize_url(deployment, client_id, Pkce.new(), state="keep"),
+            username="ada@acme.test",
+            password=PASSWORD,
+            decision="deny",
+        )
+        query = query_of(result.location)
+        assert (query["error"], query["state"]) == ("access_denied", "keep")
+        assert "code" not in query
+
+    run(body)
+
+
+def test_revoking_the_access_token_ends_the_grant(deployment: Deployment) -> None:
+    """RFC 7009 with the access token: the grant ends, so its refresh token dies too; unknown tokens are 200."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, tokens = await tokens_for(http, deployment)
+        form = {"token": tokens["access_token"], "client_id": client_id}
+        assert (await http.post(f"{deployment.url}/oauth/revoke", data=form)).status_code == 200
+        assert (await tools_list(http, deployment, tokens["access_token"])).status_code == 401
+        assert (await refresh(http, deployment, client_id, tokens["refresh_token"])).status_code == 400
+        unknown = {"token": "nothing-of-ours", "client_id": client_id}
+        assert (await http.post(f"{deployment.url}/oauth/revoke", data=unknown)).status_code == 200
+
+    run(body)
+
+
+@pytest.mark.threat("T-REFRESH-REPLAY")
+def test_another_client_cannot_revoke_or_refresh_a_grant(deployment: Deployment) -> None:
+    """A second client holding a stolen refresh token can neither use nor revoke it."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, tokens = await tokens_for(http, deployment)
+        thief = (await register(http, deployment))["client_id"]
+        stolen = await refresh(http, deployment, thief, tokens["refresh_token"])
+        assert stolen.json()["error"] == "invalid_grant"
+        await http.post(f"{deployment.url}/oauth/revoke", data={"token": tokens["refresh_token"], "client_id": thief})
+        assert (await refresh(http, deployment, client_id, tokens["refresh_token"])).status_code == 200
+
+    run(body)
+
+
+def test_grace_window_lets_the_previous_token_refresh_once_more(tmp_path: Path) -> None:
+    """With a grace window, the token just rotated still refreshes (a second tab); its earlier successor dies."""
+    with deploy("memory", tmp_path, grace=timedelta(seconds=30)) as deployment:
+
+        async def body(http: httpx.AsyncClient) -> None:
+            client_id, first = await tokens_for(http, deployment)
+            second = (await refresh(http, deployment, client_id, first["refresh_token"])).json()
+            third = await refresh(http, deployment, client_id, first["refresh_token"])
+            assert third.status_code == 200
+            assert (await refresh(http, deployment, client_id, third.json()["refresh_token"])).status_code == 200
+            assert (await refresh(http, deployment, client_id, second["refresh_token"])).status_code == 400
+
+        run(body)
