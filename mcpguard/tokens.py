@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import ipaddress
 import json
 import numbers
+import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -64,6 +68,16 @@ class VerificationKeys(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Verified:
+    principal: Principal
+    grant_id: str | None
+    # When the token expires (leeway included) and when its cached verification must be redone.
+    expires: float
+    until: float
+    key: Any
+
+
 class JWTVerifier:
     """Verifies JWT access tokens from one issuer, for one audience, with one key source.
 
@@ -76,6 +90,10 @@ class JWTVerifier:
     __slots__ = (
         "_algorithms",
         "_audience",
+        "_cache",
+        "_cache_size",
+        "_cache_ttl",
+        "_clock",
         "_grant_check",
         "_issuer",
         "_jwks",
@@ -100,6 +118,9 @@ class JWTVerifier:
         leeway: float = 30,
         max_token_bytes: int = 8192,
         grant_check: GrantCheck | None = None,
+        cache_ttl: float = 60.0,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         if not issuer or not audience:
             raise ValueError("issuer and audience must be non-empty")
@@ -107,6 +128,8 @@ class JWTVerifier:
             raise ValueError("tenant_claim and scope_claim must be non-empty")
         if leeway < 0 or max_token_bytes <= 0:
             raise ValueError("leeway must be >= 0 and max_token_bytes > 0")
+        if cache_ttl < 0 or cache_size < 0:
+            raise ValueError("cache_ttl and cache_size must be >= 0 (0 turns the cache off)")
         self._algorithms = _checked_algorithms(algorithms)
         self._issuer = issuer
         self._audience = audience
@@ -115,6 +138,13 @@ class JWTVerifier:
         self._leeway = leeway
         self._max_token_bytes = max_token_bytes
         self._grant_check = grant_check
+        # Verified tokens by digest: the signature check is most of a verify, and a token never changes.
+        # Expiry and the grant check are still applied on every request; ``cache_ttl`` bounds how long a key
+        # retired or removed at the issuer keeps accepting a token it already verified.
+        self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
+        self._cache_ttl = cache_ttl
+        self._cache_size = cache_size
+        self._clock = clock
         # Without its grant id a token could not be revoked, so a revocation-checking verifier requires one.
         required = (*_REQUIRED_CLAIMS, tenant_claim, *(("gid",) if grant_check is not None else ()))
         self._options: Options = {
@@ -144,6 +174,30 @@ class JWTVerifier:
             raise InvalidToken("token too large")
         if not token.isascii():
             raise InvalidToken("token malformed")
+        digest = hashlib.sha256(token.encode()).digest()
+        verified = self._cache.get(digest)
+        now = self._clock()
+        if verified is not None and now >= verified.expires:
+            del self._cache[digest]
+            raise InvalidToken("token expired")
+        # A key set is asked again on every hit (a dictionary lookup), so a key retired there ends its tokens.
+        if (
+            verified is None
+            or now >= verified.until
+            or (self._key_set is not None and self._local_key(self._key_set, token) is not verified.key)
+        ):
+            verified = await self._verify_signed(token, until=now + self._cache_ttl)
+            if self._cache_ttl and self._cache_size:
+                self._cache[digest] = verified
+                if len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+        # Asked on every request, after the signature and claims hold, so forged tokens never reach the store.
+        if self._grant_check is not None and await self._grant_check(verified.grant_id or "") is not True:
+            raise InvalidToken("token revoked")
+        return verified.principal
+
+    async def _verify_signed(self, token: str, *, until: float) -> _Verified:
+        """What a token whose signature and claims hold proves, and until when that may be remembered."""
         # `from None` throughout: library messages can quote token segments, which must not reach logs.
         try:
             key = self._key
@@ -166,11 +220,13 @@ class JWTVerifier:
             raise InvalidToken(f"token missing claim {exc.claim}") from None
         except jwt.PyJWTError as exc:
             raise InvalidToken(_describe(exc)) from None
-        principal = self._principal(claims)
-        # Asked only after the signature and claims hold, so forged tokens never reach the grant store.
-        if self._grant_check is not None and await self._grant_check(_text(claims, "gid")) is not True:
-            raise InvalidToken("token revoked")
-        return principal
+        return _Verified(
+            principal=self._principal(claims),
+            grant_id=_text(claims, "gid") if self._grant_check is not None else None,
+            expires=float(claims["exp"]) + self._leeway,
+            until=until,
+            key=key,
+        )
 
     @staticmethod
     def _local_key(key_set: VerificationKeys, token: str) -> jwt.PyJWK:

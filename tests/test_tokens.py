@@ -503,3 +503,50 @@ def test_forged_token_refused_before_grant_store(key: Ed25519PrivateKey) -> None
         "token signature invalid"
     )
     assert grants.asked == []
+
+
+class Signatures:
+    """A key set that counts how often a signature is actually checked with its key."""
+
+    def __init__(self, key: Ed25519PrivateKey) -> None:
+        self.jwk = jwt.PyJWK.from_json(jwt.algorithms.OKPAlgorithm.to_jwk(key.public_key()))
+        self.asked = 0
+
+    def verification_key(self, kid: str | None, /) -> jwt.PyJWK | None:
+        self.asked += 1
+        return self.jwk
+
+
+@pytest.mark.threat("T-TOKEN-EXPIRED")
+def test_remembered_verification_never_outlives_the_token(key: Ed25519PrivateKey) -> None:
+    """A token verified once is remembered (its signature is not checked again), but never past its expiry."""
+    now = [time.time()]
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=key.public_key(), leeway=0, clock=lambda: now[0])
+    token = sign(key, claims(exp=int(now[0]) + 60))
+    assert verify(verifier, token).subject == "user-1"
+    assert verify(verifier, token).subject == "user-1"
+    now[0] += 61
+    assert refusal(verifier, token) == "token expired"
+
+
+def test_remembered_verification_skips_the_signature_until_its_ttl(key: Ed25519PrivateKey) -> None:
+    """Within ``cache_ttl`` a second verify reuses the first; after it, the token is verified afresh."""
+    now = [time.time()]
+    keys = Signatures(key)
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=keys, cache_ttl=30, clock=lambda: now[0])
+    token = sign(key, claims())
+    decodes = []
+    real_decode = jwt.decode
+
+    def counting_decode(*args: Any, **kwargs: Any) -> Any:
+        decodes.append(1)
+        return real_decode(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jwt, "decode", counting_decode)
+        verify(verifier, token)
+        verify(verifier, token)
+        assert len(decodes) == 1
+        now[0] += 31
+        verify(verifier, token)
+        assert len(decodes) == 2
