@@ -62,6 +62,8 @@ FORBIDDEN = -32003
 UNAVAILABLE = -32005
 # Mirrors HTTP 429, as -32001/-32003 mirror 401/403.
 RATE_LIMITED = -32029
+# Named in 401 challenges: the scope every credential needs to use the server at all (``scopes.READ``).
+BASE_SCOPE = "mcp:read"
 
 
 def _quote(value: str) -> str:
@@ -107,7 +109,14 @@ class _BearerChallenge(MCPGuardError):
         return "Bearer " + ", ".join(f'{name}="{_quote(value)}"' for name, value in params)
 
 
-class AuthenticationRequired(_BearerChallenge):
+class _Unauthenticated(_BearerChallenge):
+    # The least scope that opens the server, so a client authorizing from the challenge asks for no more
+    # (MCP scope selection prefers the challenge's scope); a call needing more answers 403 and steps up.
+    def _params(self) -> list[tuple[str, str]]:
+        return [*super()._params(), ("scope", BASE_SCOPE)]
+
+
+class AuthenticationRequired(_Unauthenticated):
     """No credential was presented (RFC 6750 §3.1: the challenge carries no error code)."""
 
     error_code = "unauthorized"
@@ -116,7 +125,7 @@ class AuthenticationRequired(_BearerChallenge):
     include_error = False
 
 
-class InvalidToken(_BearerChallenge):
+class InvalidToken(_Unauthenticated):
     """The credential is malformed, unknown, expired, revoked or meant for another resource."""
 
     error_code = "invalid_token"

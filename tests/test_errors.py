@@ -88,15 +88,16 @@ class TestStatusAndCodes:
 
 
 class TestChallenges:
-    def test_authentication_required_names_only_the_metadata(self) -> None:
-        """Without a credential the challenge carries no error (RFC 6750 §3.1), only where to find metadata."""
+    def test_authentication_required_names_the_base_scope_and_the_metadata(self) -> None:
+        """Without a credential the challenge carries no error (RFC 6750 §3.1): the least scope that opens the
+        server, so a client asks for no more at first, and where to find metadata."""
         assert AuthenticationRequired("authentication required").challenge(METADATA) == (
-            f'Bearer resource_metadata="{METADATA}"'
+            f'Bearer scope="mcp:read", resource_metadata="{METADATA}"'
         )
 
-    def test_authentication_required_without_metadata_is_bare(self) -> None:
-        """With no metadata URL configured the challenge is the bare scheme."""
-        assert AuthenticationRequired("authentication required").challenge(None) == "Bearer"
+    def test_authentication_required_without_metadata_names_the_scope(self) -> None:
+        """With no metadata URL configured the challenge names only the base scope."""
+        assert AuthenticationRequired("authentication required").challenge(None) == 'Bearer scope="mcp:read"'
 
     def test_invalid_token(self) -> None:
         """A bad token gets ``error="invalid_token"`` with its description and the metadata URL."""
@@ -105,13 +106,14 @@ class TestChallenges:
         assert params == {
             "error": "invalid_token",
             "error_description": "token expired",
+            "scope": "mcp:read",
             "resource_metadata": METADATA,
         }
 
     def test_invalid_token_without_metadata(self) -> None:
         """Without a metadata URL the error params still come through."""
         _, params = parse_challenge(InvalidToken("token expired").challenge(None) or "")
-        assert params == {"error": "invalid_token", "error_description": "token expired"}
+        assert params == {"error": "invalid_token", "error_description": "token expired", "scope": "mcp:read"}
 
     def test_insufficient_scope_names_the_scope(self) -> None:
         """A missing scope gets ``error="insufficient_scope"`` and ``scope`` naming what the call needs."""
@@ -150,7 +152,8 @@ class TestChallenges:
     def test_quotes_in_metadata_url_are_escaped_too(self) -> None:
         """Every param value is quoted the same way, the metadata URL included."""
         url = 'https://mcp.example.test/"x\\'
-        assert parse_challenge(AuthenticationRequired("x").challenge(url) or "")[1] == {"resource_metadata": url}
+        params = parse_challenge(AuthenticationRequired("x").challenge(url) or "")[1]
+        assert params == {"scope": "mcp:read", "resource_metadata": url}
 
     @settings(max_examples=200)
     @given(description=header_safe_text, metadata=header_safe_text)

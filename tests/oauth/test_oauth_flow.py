@@ -6,17 +6,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
-import httpx2
 import pytest
-from mcp import Client
-from mcp.client.auth import OAuthClientProvider
-from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.auth import OAuthClientMetadata
 
-from tests.oauth.flow_helpers import REDIRECT, Deployment, MemoryTokens, Person, deploy
+from tests.oauth.flow_helpers import Deployment, MemoryTokens, Person, call, deploy, provider_for
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -24,33 +18,6 @@ def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deplo
     """The guarded notes server with the built-in authorization server, over each store backend."""
     with deploy(request.param, tmp_path) as running:
         yield running
-
-
-def provider_for(url: str, storage: MemoryTokens, person: Person) -> OAuthClientProvider:
-    """The SDK's OAuth client for the guard at ``url``, registering itself as a public client."""
-    return OAuthClientProvider(
-        server_url=f"{url}/mcp",
-        client_metadata=OAuthClientMetadata(
-            client_name="flow test",
-            redirect_uris=[REDIRECT],  # type: ignore[list-item]  # pydantic parses the string
-            grant_types=["authorization_code", "refresh_token"],
-            response_types=["code"],
-            token_endpoint_auth_method="none",
-            scope="mcp:read",
-        ),
-        storage=storage,
-        redirect_handler=person.redirect,
-        callback_handler=person.code,
-    )
-
-
-async def call(url: str, provider: OAuthClientProvider, tool: str) -> Any:
-    """Call ``tool`` over a fresh MCP session authorised by ``provider``."""
-    async with (
-        httpx2.AsyncClient(auth=provider) as http,
-        Client(streamable_http_client(f"{url}/mcp", http_client=http), mode="auto") as client,
-    ):
-        return await client.call_tool(tool, {})
 
 
 def test_full_flow_discovery_to_revocation(deployment: Deployment) -> None:
@@ -90,5 +57,23 @@ def test_full_flow_discovery_to_revocation(deployment: Deployment) -> None:
             )
         assert after.status_code == 401
         assert 'error="invalid_token"' in after.headers["www-authenticate"]
+
+    asyncio.run(flow())
+
+
+def test_insufficient_scope_steps_up_to_a_new_authorization(deployment: Deployment) -> None:
+    """A read-only token calling a destructive tool gets 403 insufficient_scope naming mcp:admin; the SDK
+    client asks for that scope in a new authorization, the person approves it, and the call goes through."""
+    storage, person = MemoryTokens(), Person("bob@acme.test")
+    provider = provider_for(deployment.url, storage, person)
+
+    async def flow() -> None:
+        assert (await call(deployment.url, provider, "whoami")).is_error is False
+        assert storage.tokens is not None
+        assert storage.tokens.scope == "mcp:read"
+        wiped = await call(deployment.url, provider, "wipe")
+        assert wiped.is_error is False
+        assert wiped.content[0].text == "wiped"
+        assert set(storage.tokens.scope.split()) == {"mcp:read", "mcp:admin"}
 
     asyncio.run(flow())
