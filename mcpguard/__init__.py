@@ -33,7 +33,7 @@ from mcpguard.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from mcpguard.guard import MCPGuard, build_guard, rate_limit_factory, stack_names
+from mcpguard.guard import MCPGuard, build_guard, rate_limit_factory, stack_names, with_authorization_server
 from mcpguard.keyring import KeyRing
 from mcpguard.oauth import (
     AccessTokenIssuer,
@@ -43,6 +43,7 @@ from mcpguard.oauth import (
     SigningKeys,
 )
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer, OAuthStore
+from mcpguard.oauth.redirect_uris import redirect_uri_allowed
 from mcpguard.oauth.settings import OAuthSettings, PreregisteredClient
 from mcpguard.oauth.users import Account, Authenticator, LocalUsers
 from mcpguard.principal import CredentialKind, Principal, current_principal
@@ -138,8 +139,10 @@ __all__ = [
     "open_store",
     "parse_query",
     "rate_limit_factory",
+    "redirect_uri_allowed",
     "send_json",
     "stack_names",
     "state_of",
     "tool_lister",
+    "with_authorization_server",
 ]

@@ -178,6 +178,28 @@ def rate_limit_factory(rate_limits: RateLimits, storage: Storage) -> Layer:
     return layer
 
 
+def with_authorization_server(
+    config: GuardConfig,
+    oauth: BuiltInAuthorizationServer | None,
+    *,
+    tokens: CredentialVerifier | None,
+    failed_auth: FailedAuthLimiter | None,
+) -> tuple[GuardConfig, CredentialVerifier | None, Layer | None]:
+    """The configuration, token verifier and authorization-server slot for a guard serving ``oauth``.
+
+    The built-in server verifies its own tokens (so ``tokens`` must be ``None``), is named in the RFC 9728
+    metadata unless other servers are configured, and counts failed sign-ins with ``failed_auth``.
+    """
+    if oauth is None:
+        return config, tokens, None
+    if tokens is not None:
+        raise ConfigError(["give either tokens or oauth: the built-in server verifies its own tokens"])
+    if not config.authorization_servers:
+        config = replace(config, authorization_servers=(oauth.settings.origin,))
+    layer = oauth.layer(failed_auth=failed_auth, trusted_proxies=frozenset(config.trusted_proxies))
+    return config, oauth.verifier, layer
+
+
 def stack_names(guard: ASGIApp) -> list[str]:
     """The names of the guard's layers, outermost first (the wrapped app is not included)."""
     names: list[str] = []
@@ -215,19 +237,11 @@ class MCPGuard:
         telemetry: Telemetry | None = None,
         oauth: BuiltInAuthorizationServer | None = None,
     ) -> None:
-        config = config if config is not None else GuardConfig()
-        authorization_server: Layer | None = None
         storage = open_limiter_storage(rate_limit_store)
         failed_auth = FailedAuthLimiter(storage, limit=failed_auth_limit)
-        if oauth is not None:
-            if tokens is not None:
-                raise ConfigError(["give either tokens or oauth: the built-in server verifies its own tokens"])
-            tokens = oauth.verifier
-            if not config.authorization_servers:
-                config = replace(config, authorization_servers=(oauth.settings.origin,))
-            authorization_server = oauth.layer(
-                failed_auth=failed_auth, trusted_proxies=frozenset(config.trusted_proxies)
-            )
+        config, tokens, authorization_server = with_authorization_server(
+            config if config is not None else GuardConfig(), oauth, tokens=tokens, failed_auth=failed_auth
+        )
         self.config = config
         self._stack = build_guard(
             app,

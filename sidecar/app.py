@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 import aiohttp
@@ -11,6 +12,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard import (
     AssertionSigner,
     AuditStore,
+    BuiltInAuthorizationServer,
     FailedAuthLimiter,
     GuardConfig,
     KeyRing,
@@ -25,29 +27,43 @@ from mcpguard import (
     rate_limit_factory,
     send_json,
     tool_lister,
+    with_authorization_server,
 )
 from sidecar.proxy import ProxySettings, UpstreamProxy
 from sidecar.stdio_upstream import StdioSettings, StdioUpstream
 
-__all__ = ["SidecarApp", "build_sidecar", "build_stdio_sidecar"]
+__all__ = ["Closer", "SidecarApp", "build_sidecar", "build_stdio_sidecar"]
 
 _READY_PROBE_TIMEOUT = 2.0
 
+# Something to release when the server stops, such as a client metadata fetcher's connections.
+Closer = Callable[[], Awaitable[None]]
+
 
 class SidecarApp:
-    """Answers ``/healthz`` and ``/readyz`` itself and sends everything else through the guard."""
+    """Answers ``/healthz`` and ``/readyz`` itself and sends everything else through the guard.
+
+    At shutdown it runs ``on_shutdown`` in order, then closes the audit store.
+    """
 
     def __init__(
-        self, guard: ASGIApp, proxy: UpstreamProxy | StdioUpstream, store: Store, audit: AuditStore | None = None
+        self,
+        guard: ASGIApp,
+        proxy: UpstreamProxy | StdioUpstream,
+        store: Store,
+        audit: AuditStore | None = None,
+        *,
+        on_shutdown: Sequence[Closer] = (),
     ) -> None:
         self.guard = guard
         self.proxy = proxy
         self.store = store
         self.audit = audit
+        self.on_shutdown = tuple(on_shutdown)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan" and self.audit is not None:
-            await self.guard(scope, receive, self._flush_audit_before_exit(send))
+        if scope["type"] == "lifespan" and (self.audit is not None or self.on_shutdown):
+            await self.guard(scope, receive, self._close_before_exit(send))
             return
         if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
             if scope["path"] == "/healthz":
@@ -61,16 +77,19 @@ class SidecarApp:
                 return
         await self.guard(scope, receive, send)
 
-    def _flush_audit_before_exit(self, send: Send) -> Send:
-        audit = self.audit
+    def _close_before_exit(self, send: Send) -> Send:
+        audit, closers = self.audit, self.on_shutdown
 
-        async def flushing_send(message: Message) -> None:
-            # Entries still queued (ends of the last calls) are committed before the process may exit.
-            if message["type"] == "lifespan.shutdown.complete" and audit is not None:
-                await audit.close()
+        async def closing_send(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                for close in closers:
+                    await close()
+                # Entries still queued (ends of the last calls) are committed before the process may exit.
+                if audit is not None:
+                    await audit.close()
             await send(message)
 
-        return flushing_send
+        return closing_send
 
     async def _readiness(self) -> list[str]:
         problems: list[str] = []
@@ -104,6 +123,7 @@ def _assemble(
     store: Store,
     keys: KeyRing,
     tokens: TokenVerifier | None,
+    oauth: BuiltInAuthorizationServer | None,
     annotations_ttl: float,
     assertions: AssertionSigner | None,
     rate_limits: RateLimits | None,
@@ -111,9 +131,15 @@ def _assemble(
     audit: AuditStore | None,
     audit_retention: timedelta | None,
     telemetry: Telemetry | None,
+    on_shutdown: Sequence[Closer],
 ) -> SidecarApp:
     catalog = ToolCatalog(tool_lister(upstream.exchange), ttl=annotations_ttl)
     storage = open_limiter_storage(rate_limit_store)
+    failed_auth = FailedAuthLimiter(storage)
+    # Sign-in failures count against the same per-address limit as bad credentials on the MCP endpoint.
+    config, tokens, authorization_server = with_authorization_server(
+        config, oauth, tokens=tokens, failed_auth=failed_auth
+    )
     guard = build_guard(
         upstream,
         config,
@@ -121,13 +147,14 @@ def _assemble(
         tokens=tokens,
         catalog=catalog,
         assertions=assertions,
-        failed_auth=FailedAuthLimiter(storage),
+        failed_auth=failed_auth,
         rate_limit=rate_limit_factory(rate_limits, storage) if rate_limits is not None else None,
         audit=audit,
         audit_retention=audit_retention,
         telemetry=telemetry,
+        authorization_server=authorization_server,
     )
-    return SidecarApp(guard, upstream, store, audit)
+    return SidecarApp(guard, upstream, store, audit, on_shutdown=on_shutdown)
 
 
 def build_sidecar(
@@ -137,6 +164,7 @@ def build_sidecar(
     store: Store,
     keys: KeyRing,
     tokens: TokenVerifier | None = None,
+    oauth: BuiltInAuthorizationServer | None = None,
     annotations_ttl: float = 300.0,
     assertions: AssertionSigner | None = None,
     rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
@@ -144,14 +172,19 @@ def build_sidecar(
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = timedelta(days=90),
     telemetry: Telemetry | None = None,
+    on_shutdown: Sequence[Closer] = (),
 ) -> SidecarApp:
-    """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself."""
+    """The guard in front of a proxy to ``proxy.upstream``; annotations come from the upstream itself.
+
+    With ``oauth``, the sidecar also serves that authorization server's endpoints and accepts its access tokens.
+    """
     return _assemble(
         UpstreamProxy(proxy),
         config=config,
         store=store,
         keys=keys,
         tokens=tokens,
+        oauth=oauth,
         annotations_ttl=annotations_ttl,
         assertions=assertions,
         rate_limits=rate_limits,
@@ -159,6 +192,7 @@ def build_sidecar(
         audit=audit,
         audit_retention=audit_retention,
         telemetry=telemetry,
+        on_shutdown=on_shutdown,
     )
 
 
@@ -169,20 +203,26 @@ def build_stdio_sidecar(
     store: Store,
     keys: KeyRing,
     tokens: TokenVerifier | None = None,
+    oauth: BuiltInAuthorizationServer | None = None,
     annotations_ttl: float = 300.0,
     rate_limits: RateLimits | None = RateLimits(),  # noqa: B008 - frozen, so one shared default is safe
     rate_limit_store: str = "memory://",
     audit: AuditStore | None = None,
     audit_retention: timedelta | None = timedelta(days=90),
     telemetry: Telemetry | None = None,
+    on_shutdown: Sequence[Closer] = (),
 ) -> SidecarApp:
-    """The guard in front of ``stdio.argv``, run once per MCP session; annotations come from the server itself."""
+    """The guard in front of ``stdio.argv``, run once per MCP session; annotations come from the server itself.
+
+    With ``oauth``, the sidecar also serves that authorization server's endpoints and accepts its access tokens.
+    """
     return _assemble(
         StdioUpstream(stdio),
         config=config,
         store=store,
         keys=keys,
         tokens=tokens,
+        oauth=oauth,
         annotations_ttl=annotations_ttl,
         assertions=None,
         rate_limits=rate_limits,
@@ -190,4 +230,5 @@ def build_stdio_sidecar(
         audit=audit,
         audit_retention=audit_retention,
         telemetry=telemetry,
+        on_shutdown=on_shutdown,
     )

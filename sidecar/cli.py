@@ -20,13 +20,15 @@ import uvloop
 
 from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
 from sidecar.audit_cli import add_audit_command
+from sidecar.cli_support import iso, print_table, scope_list, state_url
+from sidecar.grants_cli import add_grants_command
 from sidecar.hashing import hasher_from_env
 from sidecar.quickstart import add_quickstart_command
 from sidecar.serve import add_sidecar_command
+from sidecar.users_cli import add_users_command
 
 __all__ = ["main"]
 
-DEFAULT_STATE = "./mcpguard.db"
 _DURATION = re.compile(r"([1-9][0-9]*)([dhm])")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
@@ -36,7 +38,7 @@ _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 _EPILOG = """\
 environment:
   MCPGUARD_STATE           where state lives when --state is not given (default ./mcpguard.db)
-  MCPGUARD_ARGON2_PROFILE  'cheapest' makes key hashing trivially cheap: for tests only, never in production
+  MCPGUARD_ARGON2_PROFILE  'cheapest' makes key and password hashing trivially cheap: tests only, never in production
 """
 
 
@@ -50,28 +52,15 @@ def _expiry(text: str) -> datetime:
         raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
 
 
-def _scope_list(text: str) -> list[str]:
-    return [scope.strip() for scope in text.split(",") if scope.strip()]
-
-
-def _state_url(args: argparse.Namespace) -> str:
-    state: str = getattr(args, "state", None) or os.environ.get("MCPGUARD_STATE") or DEFAULT_STATE
-    return state if "://" in state else f"sqlite:///{state}"
-
-
 @asynccontextmanager
 async def _keyring(args: argparse.Namespace) -> AsyncIterator[KeyRing]:
-    store = open_store(_state_url(args))
+    store = open_store(state_url(args))
     ring = KeyRing(store=store, hasher=hasher_from_env(os.environ))
     try:
         yield ring
     finally:
         await ring.aclose()
         await store.close()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat(timespec="seconds")
 
 
 def _record_json(record: KeyRecord) -> dict[str, Any]:
@@ -81,9 +70,9 @@ def _record_json(record: KeyRecord) -> dict[str, Any]:
         "tenant": record.tenant,
         "name": record.name,
         "scopes": list(record.scopes),
-        "created_at": _iso(record.created_at),
-        "expires_at": _iso(record.expires_at),
-        "revoked_at": _iso(record.revoked_at),
+        "created_at": iso(record.created_at),
+        "expires_at": iso(record.expires_at),
+        "revoked_at": iso(record.revoked_at),
     }
 
 
@@ -113,7 +102,7 @@ async def _keys_create(args: argparse.Namespace) -> int:
         f"tenant:  {record.tenant}\n"
         f"scopes:  {' '.join(record.scopes)}\n"
         f"name:    {record.name or '-'}\n"
-        f"expires: {_iso(record.expires_at) or 'never'}",
+        f"expires: {iso(record.expires_at) or 'never'}",
         file=sys.stderr,
     )
     return 0
@@ -132,15 +121,13 @@ async def _keys_list(args: argparse.Namespace) -> int:
             r.key_id,
             _status(r, now),
             ",".join(r.scopes),
-            _iso(r.created_at) or "",
-            _iso(r.expires_at) or "never",
+            iso(r.created_at) or "",
+            iso(r.expires_at) or "never",
             r.name or "-",
         )
         for r in records
     ]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    print_table(rows)
     return 0
 
 
@@ -151,7 +138,7 @@ async def _keys_revoke(args: argparse.Namespace) -> int:
         # The argument is not repeated: it may be a whole key pasted by mistake.
         print("mcpguard: error: no key with that id", file=sys.stderr)
         return 1
-    print(f"revoked key {record.key_id} of tenant {record.tenant} at {_iso(record.revoked_at)}")
+    print(f"revoked key {record.key_id} of tenant {record.tenant} at {iso(record.revoked_at)}")
     return 0
 
 
@@ -162,7 +149,7 @@ def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
     create = actions.add_parser("create", parents=[common], help="create a key and print it once")
     create.add_argument("--tenant", required=True, help="the tenant the key is bound to")
     create.add_argument(
-        "--scopes", type=_scope_list, metavar="S1,S2", help="comma-separated scopes (default mcp:read,mcp:write)"
+        "--scopes", type=scope_list, metavar="S1,S2", help="comma-separated scopes (default mcp:read,mcp:write)"
     )
     create.add_argument("--name", help="a label shown as the key's subject")
     create.add_argument("--expires", type=_expiry, metavar="DURATION", help="lifetime such as 90d, 12h or 30m")
@@ -181,6 +168,8 @@ def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
 
 _COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (
     _add_keys,
+    add_users_command,
+    add_grants_command,
     add_sidecar_command,
     add_quickstart_command,
     add_audit_command,

@@ -15,15 +15,19 @@ import uvicorn
 from mcpguard import (
     AssertionSigner,
     AuditStore,
+    BuiltInAuthorizationServer,
+    ClientMetadataFetcher,
     ExportingAuditStore,
     KeyRing,
+    LocalUsers,
     RateLimits,
+    Store,
     Telemetry,
     configure_telemetry,
     open_audit_store,
     open_store,
 )
-from sidecar.app import SidecarApp, build_sidecar, build_stdio_sidecar
+from sidecar.app import Closer, SidecarApp, build_sidecar, build_stdio_sidecar
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
 from sidecar.settings import SidecarSettings, load_settings
@@ -41,13 +45,15 @@ def sidecar_from_settings(
     """The sidecar app described by ``settings`` (credentials for the upstream resolved from ``env``).
 
     Spans, metrics and (with ``audit_otel_logs``) audit logs go to ``telemetry`` when it is given, else to
-    the OTLP collector at ``otlp_endpoint``.
+    the OTLP collector at ``otlp_endpoint``. With ``oauth``, the built-in authorization server keeps its
+    clients, codes, grants and users in the state store.
     """
     if telemetry is None:
         telemetry = configure_telemetry(
             service_name=_SERVICE_NAME, otlp_endpoint=settings.otlp_endpoint, logs=settings.audit_otel_logs
         )
     store = open_store(settings.state_url)
+    oauth, on_shutdown = _authorization_server(settings, store, env)
     if settings.upstream_cmd is not None:
         stdio = StdioSettings(
             argv=settings.upstream_argv,
@@ -63,11 +69,13 @@ def sidecar_from_settings(
             stdio=stdio,
             store=store,
             keys=KeyRing(store=store, hasher=hasher_from_env(env)),
+            oauth=oauth,
             annotations_ttl=settings.annotations_ttl,
             rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
             audit=_audit_store(settings, telemetry),
             audit_retention=timedelta(days=settings.audit_retention_days),
             telemetry=telemetry,
+            on_shutdown=on_shutdown,
         )
     drop = frozenset({settings.api_key_header}) if settings.api_key_header else frozenset()
     proxy = ProxySettings(
@@ -90,12 +98,36 @@ def sidecar_from_settings(
         proxy=proxy,
         store=store,
         keys=KeyRing(store=store, hasher=hasher_from_env(env)),
+        oauth=oauth,
         annotations_ttl=settings.annotations_ttl,
         rate_limits=RateLimits(per_tenant=f"{settings.rate_limit_per_min}/minute"),
         audit=_audit_store(settings, telemetry),
         audit_retention=timedelta(days=settings.audit_retention_days),
         telemetry=telemetry,
+        on_shutdown=on_shutdown,
     )
+
+
+def _authorization_server(
+    settings: SidecarSettings, store: Store, env: Mapping[str, str]
+) -> tuple[BuiltInAuthorizationServer | None, tuple[Closer, ...]]:
+    """The built-in authorization server ``settings`` ask for (or ``None``), and what to close at shutdown."""
+    if not settings.oauth:
+        return None, ()
+    oauth_settings = settings.oauth_settings(env)
+    keys = settings.oauth_signing_key(env)
+    documents = None
+    if settings.oauth_client_metadata_documents:
+        # Private addresses stay unreachable unless the operator accepts that risk (tests, closed networks).
+        documents = ClientMetadataFetcher(allow_private=settings.oauth_cimd_allow_private)
+    oauth = BuiltInAuthorizationServer(
+        oauth_settings,
+        store=store,
+        keys=keys,
+        authenticator=LocalUsers(store, hasher=hasher_from_env(env)),
+        documents=documents,
+    )
+    return oauth, (documents.close,) if documents is not None else ()
 
 
 def _audit_store(settings: SidecarSettings, telemetry: Telemetry | None) -> AuditStore:
@@ -142,6 +174,8 @@ async def _run(args: argparse.Namespace) -> int:
     # Only a command's executable is shown: its arguments may hold credentials.
     target = settings.upstream or f"{settings.upstream_argv[0]} (stdio, one process per session)"
     print(f"mcpguard sidecar: {settings.public_origin}{settings.mcp_path} -> {target}", file=sys.stderr)
+    if settings.oauth:
+        print(f"mcpguard sidecar: OAuth authorization server, issuer {settings.public_origin}", file=sys.stderr)
     await serve_until_stopped(server)
     return 0
 

@@ -19,9 +19,18 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mcpguard import ADMIN, AUDIT, READ, WRITE, ConfigError, GuardConfig
+from mcpguard import ADMIN, AUDIT, READ, WRITE, ConfigError, GuardConfig, OAuthSettings, SharedSecret, SigningKeys
+from sidecar.oauth_settings import (
+    DEFAULT_JWT_SECRET_ENV,
+    OAuthClient,
+    build_oauth_settings,
+    client_secret_hashes,
+    oauth_problems,
+    parse_oauth_clients,
+    signing_key,
+)
 
-__all__ = ["SettingsError", "SidecarSettings", "load_settings"]
+__all__ = ["OAuthClient", "SettingsError", "SidecarSettings", "load_settings"]
 
 _ENV_PREFIX = "MCPGUARD_"
 # Operators already know this name from other MCP servers; the prefixed name wins when both are set.
@@ -118,10 +127,26 @@ class SidecarSettings:
     assertion_secret_env: str | None = None
     assertion_key_file: str | None = None
     assertion_lifetime: float = 60.0
+    oauth: bool = False
+    oauth_keys_dir: str | None = None
+    jwt_secret_env: str | None = None
+    oauth_access_token_minutes: float = 10.0
+    oauth_refresh_days: float = 30.0
+    oauth_refresh_grace_seconds: float = 0.0
+    oauth_dynamic_registration: bool = True
+    oauth_client_metadata_documents: bool = True
+    # A risk, for tests and closed networks only: client metadata may then be fetched from internal addresses.
+    oauth_cimd_allow_private: bool = False
+    oauth_clients: tuple[OAuthClient, ...] = ()
 
     def __post_init__(self) -> None:
         issues = self._issues()
         flagged = {name for issue in issues for name in issue.fields}
+        if self.oauth and not issues:
+            try:
+                build_oauth_settings(self, {})
+            except ConfigError as error:
+                issues += [_Issue((), problem) for problem in error.problems]
         try:
             self._build_guard_config(self._origin() or "http://127.0.0.1:8080")
         except SettingsError as error:
@@ -198,6 +223,20 @@ class SidecarSettings:
         if not isinstance(key, Ed25519PrivateKey):
             raise SettingsError(["assertion_key_file: must be an Ed25519 private key"])
         return key
+
+    def oauth_settings(self, env: Mapping[str, str]) -> OAuthSettings:
+        """The built-in authorization server's settings, with client secrets read now from ``env`` (and hashed)."""
+        try:
+            return build_oauth_settings(self, client_secret_hashes(self.oauth_clients, env))
+        except ConfigError as error:
+            raise SettingsError(list(error.problems)) from None
+
+    def oauth_signing_key(self, env: Mapping[str, str]) -> SigningKeys | SharedSecret:
+        """What access tokens are signed with: the HS256 secret in ``env``, else the Ed25519 keys directory."""
+        try:
+            return signing_key(self, env)
+        except ConfigError as error:
+            raise SettingsError(list(error.problems)) from None
 
     def upstream_credentials(self, env: Mapping[str, str]) -> dict[str, str]:
         """Headers carrying the upstream bearer token, read now from ``env`` or the file; ``{}`` if none."""
@@ -360,6 +399,7 @@ class SidecarSettings:
             check("allowed_origins", bool(_ORIGIN.fullmatch(origin)), f"{origin!r} is not '*' or an http(s) origin")
         if self.tenant_argument is not None:
             check("tenant_argument", bool(self.tenant_argument.strip()), "must not be blank")
+        issues += [_Issue(names, message, depends) for names, message, depends in oauth_problems(self)]
         return issues
 
 
@@ -470,6 +510,13 @@ def _names(raw: object, text: bool) -> object:
     return tuple(raw)
 
 
+def _clients(raw: object, text: bool) -> object:
+    try:
+        return parse_oauth_clients(raw, text)
+    except ValueError as error:
+        raise _Invalid(str(error)) from None
+
+
 def _table(values: _Convert) -> _Convert:
     def convert(raw: object, text: bool) -> object:
         if text and isinstance(raw, str):
@@ -500,6 +547,7 @@ _BY_TYPE: dict[str, _Convert] = {
     "tuple[str, ...]": _names,
     "Mapping[str, str]": _table(_text),
     "Mapping[str, int]": _table(_integer),
+    "tuple[OAuthClient, ...]": _clients,
 }
 # Annotations are strings here (postponed evaluation), so each field's converter follows from its declared type.
 _CONVERTERS: dict[str, _Convert] = {f.name: _BY_TYPE[str(f.type)] for f in fields(SidecarSettings)}
@@ -553,6 +601,11 @@ def load_settings(
             problems.append(f"{flag}: unknown setting")
         elif raw is not None:  # an option that was not given
             take(name, raw, flag, isinstance(raw, str))
+    # The conventional variable is the HS256 secret only when nothing else says how tokens are signed.
+    unset = {"jwt_secret_env", "oauth_keys_dir"}.isdisjoint(values.keys() | broken)
+    if values.get("oauth") is True and unset and env.get(DEFAULT_JWT_SECRET_ENV):
+        values["jwt_secret_env"] = DEFAULT_JWT_SECRET_ENV
+        sources["jwt_secret_env"] = DEFAULT_JWT_SECRET_ENV
 
     try:
         settings = SidecarSettings(**values)

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import argon2
 import pytest
@@ -43,6 +44,28 @@ def serve(app: ASGIApp, port: int | None = None) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.fixture(autouse=True)
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CLI command hashes with the cheapest argon2 profile and never sees a state from the environment."""
+    monkeypatch.setenv("MCPGUARD_ARGON2_PROFILE", "cheapest")
+    monkeypatch.delenv("MCPGUARD_STATE", raising=False)
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> str:
+    """A state file path in the test's own directory."""
+    return str(tmp_path / "state.db")
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``mcpguard argv`` in process; its exit status, stdout and stderr."""
+    from sidecar.cli import main  # imported here: most tests never need the CLI
+
+    status = main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
 
 
 @pytest.fixture

@@ -15,28 +15,9 @@ import pytest
 
 from mcpguard import InvalidToken, KeyRing, Principal, open_store
 from sidecar.cli import main
+from tests.conftest import run_cli as run
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every command hashes with the cheapest argon2 profile and never sees a state from the environment."""
-    monkeypatch.setenv("MCPGUARD_ARGON2_PROFILE", "cheapest")
-    monkeypatch.delenv("MCPGUARD_STATE", raising=False)
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> str:
-    """A state file path in the test's own directory."""
-    return str(tmp_path / "state.db")
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``mcpguard argv`` in process; its exit status, stdout and stderr."""
-    status = main(list(argv))
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def create_json(capsys: pytest.CaptureFixture[str], state: str, *extra: str) -> dict[str, object]:

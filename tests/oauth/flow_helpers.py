@@ -17,8 +17,12 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 import argon2
 import httpx
+import httpx2
+from mcp import Client
+from mcp.client.auth import OAuthClientProvider
+from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import MCPServer
-from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthToken
+from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from mcp.types import ToolAnnotations
 
 from mcpguard import GuardConfig, MCPGuard, Store, current_principal, open_store
@@ -157,6 +161,33 @@ class Person:
         return AuthorizationCodeResult(
             code=self.callback["code"][0], state=self.callback["state"][0], iss=self.callback["iss"][0]
         )
+
+
+def provider_for(url: str, storage: MemoryTokens, person: Person) -> OAuthClientProvider:
+    """The SDK's OAuth client for the guard at ``url``, registering itself as a public client."""
+    return OAuthClientProvider(
+        server_url=f"{url}/mcp",
+        client_metadata=OAuthClientMetadata(
+            client_name="flow test",
+            redirect_uris=[REDIRECT],  # type: ignore[list-item]  # pydantic parses the string
+            grant_types=["authorization_code", "refresh_token"],
+            response_types=["code"],
+            token_endpoint_auth_method="none",
+            scope="mcp:read",
+        ),
+        storage=storage,
+        redirect_handler=person.redirect,
+        callback_handler=person.code,
+    )
+
+
+async def call(url: str, provider: OAuthClientProvider, tool: str, arguments: dict[str, Any] | None = None) -> Any:
+    """Call ``tool`` with ``arguments`` over a fresh MCP session authorised by ``provider``."""
+    async with (
+        httpx2.AsyncClient(auth=provider) as http,
+        Client(streamable_http_client(f"{url}/mcp", http_client=http), mode="auto") as client,
+    ):
+        return await client.call_tool(tool, arguments or {})
 
 
 @dataclass

@@ -560,6 +560,21 @@ class TestUserStoreConformance:
         assert [u.user_id for u in run(store.list_users('odd "name"'))] == ["u2"]
         assert [u.user_id for u in run(store.list_users("beta"))] == []
 
+    def test_disable_marks_the_user_and_keeps_the_first_time(self, store: Store) -> None:
+        """Disabling returns the record as now kept, and disabling again leaves the first time in place."""
+        run(store.add_user(user()))
+        run(store.add_user(user("u2", "bob@example.com")))
+        disabled = run(store.disable_user("u1", T0 + timedelta(hours=1)))
+        assert disabled == replace(user(), disabled_at=T0 + timedelta(hours=1))
+        assert run(store.disable_user("u1", T0 + timedelta(hours=2))) == disabled
+        assert run(store.get_user_by_email("alice@example.com")) == disabled
+        assert run(store.list_users()) == [disabled, user("u2", "bob@example.com")]
+
+    def test_disable_unknown_user_is_none(self, store: Store) -> None:
+        """Disabling an unknown user returns ``None`` and creates nothing."""
+        assert run(store.disable_user("missing", T0)) is None
+        assert run(store.list_users()) == []
+
     def test_user_needs_a_tenant(self) -> None:
         """A user record with no tenant cannot be made."""
         with pytest.raises(ValueError, match="at least one tenant"):
