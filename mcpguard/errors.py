@@ -76,6 +76,8 @@ class MCPGuardError(Exception):
     error_code: ClassVar[str] = "server_error"
     status: ClassVar[int] = 500
     jsonrpc_code: int = -32603
+    # The audit trail's reason when the wire code alone would not tell a reviewer (a replayed token).
+    audit_reason: str | None = None
 
     def __init__(self, description: str) -> None:
         super().__init__(description)
@@ -246,9 +248,10 @@ class OAuthError(MCPGuardError):
 
     status = 400
 
-    def __init__(self, error_code: str, description: str) -> None:
+    def __init__(self, error_code: str, description: str, *, audit_reason: str | None = None) -> None:
         super().__init__(description)
         self.error_code = error_code  # type: ignore[misc]  # per instance: the endpoint's own error vocabulary
+        self.audit_reason = audit_reason
 
 
 class InvalidClient(OAuthError):

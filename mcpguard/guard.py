@@ -93,6 +93,7 @@ class ErrorLayer:
             await self.app(scope, receive, tracking_send)
         except MCPGuardError as exc:
             state.refusal = exc.error_code
+            state.refusal_reason = exc.audit_reason
             if state.response_started:
                 raise
             resource_path = scope["path"] if state.is_mcp else self._config.mcp_path

@@ -34,6 +34,8 @@ class RequestState:
     response_started: bool = False
     # The wire code of the refusal the guard answered with, if it refused.
     refusal: str | None = None
+    # The audit reason the refusal named itself, when its wire code is not specific enough.
+    refusal_reason: str | None = None
     # Set by the audit layer: commits the call's start; the gate awaits it just before the app.
     audit_start: Callable[[], Awaitable[None]] | None = None
     audit_start_id: str | None = None

@@ -147,7 +147,7 @@ class TelemetryLayer:
 
         attributes: dict[str, AttributeValue] = {"mcpguard.decision": decision}
         if refusal is not None:
-            attributes["mcpguard.reason"] = reason_for(refusal)
+            attributes["mcpguard.reason"] = reason_for(refusal, state.refusal_reason)
         if error is not None:
             attributes["error.type"] = error
         if status is not None:
@@ -185,7 +185,7 @@ class TelemetryLayer:
             self._duration.record(elapsed, measured)
         counted: dict[str, AttributeValue] = {"decision": decision}
         if refusal is not None:
-            counted["reason"] = reason_for(refusal)
+            counted["reason"] = reason_for(refusal, state.refusal_reason)
         self._decisions.add(1, counted)
 
 

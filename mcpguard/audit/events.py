@@ -40,12 +40,20 @@ _REASONS = {
     "temporarily_unavailable": "unavailable",
     "bad_gateway": "upstream",
     "gateway_timeout": "upstream",
+    # The authorization server's own codes (RFC 6749 §5.2, RFC 7591, RFC 8707).
+    "invalid_client": "auth",
+    "invalid_grant": "auth",
+    "invalid_scope": "scope",
+    "invalid_target": "invalid",
+    "unsupported_grant_type": "invalid",
+    "invalid_redirect_uri": "invalid",
+    "invalid_client_metadata": "invalid",
 }
 
 
-def reason_for(error_code: str) -> str:
-    """The audit reason for a refusal's wire code."""
-    return _REASONS.get(error_code, "policy")
+def reason_for(error_code: str, named: str | None = None) -> str:
+    """The audit reason for a refusal's wire code, unless the refusal ``named`` one of its own."""
+    return named or _REASONS.get(error_code, "policy")
 
 
 def new_event_id(now: float | None = None) -> str:

@@ -171,7 +171,7 @@ class AuditLayer:
             rpc_error=outcome.rpc_error if outcome is not None else None,
             tool_error=outcome.tool_error if outcome is not None else None,
             decision=decision,
-            reason=reason_for(refused) if refused is not None else None,
+            reason=reason_for(refused, state.refusal_reason) if refused is not None else None,
             duration_ms=duration_ms,
             bytes_in=bytes_in,
             bytes_out=outcome.bytes_out if outcome is not None else None,

@@ -109,7 +109,11 @@ class TokenEndpoint:
             revoked = await self._grants.revoke_grant(record.grant_id, now, "code_replay")
             if revoked is not None:
                 seen(revoked)
-            raise OAuthError("invalid_grant", "this code was already used; the tokens issued from it are revoked")
+            raise OAuthError(
+                "invalid_grant",
+                "this code was already used; the tokens issued from it are revoked",
+                audit_reason="replay",
+            )
         if consumed.outcome is not CodeOutcome.FRESH or record is None:
             raise OAuthError("invalid_grant", "the code is unknown or expired")
         # The code is spent from here on, whatever is wrong with the rest of the request.
@@ -163,7 +167,9 @@ class TokenEndpoint:
             hash_secret(presented), hash_secret(successor), self._now(), self._settings.refresh_grace
         )
         if rotation.outcome is RotationOutcome.REUSE_REVOKED:
-            raise OAuthError("invalid_grant", "this refresh token was already used; the grant is revoked")
+            raise OAuthError(
+                "invalid_grant", "this refresh token was already used; the grant is revoked", audit_reason="replay"
+            )
         if rotation.outcome not in (RotationOutcome.ROTATED, RotationOutcome.GRACE_REISSUED) or rotation.grant is None:
             raise OAuthError("invalid_grant", "the refresh token is revoked or expired")
         return self._response(rotation.grant, asked or rotation.grant.scopes, successor)

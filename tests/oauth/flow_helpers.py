@@ -25,7 +25,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull, OAuthClientMetadata, OAuthToken
 from mcp.types import ToolAnnotations
 
-from mcpguard import GuardConfig, MCPGuard, Store, current_principal, open_store
+from mcpguard import AuditStore, GuardConfig, MCPGuard, Store, current_principal, open_store
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.signing import SigningKeys
@@ -90,9 +90,11 @@ def store_url(kind: str, tmp_path: Path) -> str:
 
 
 @contextmanager
-def deploy(kind: str, tmp_path: Path, *, grace: timedelta = timedelta(0)) -> Iterator[Deployment]:
+def deploy(
+    kind: str, tmp_path: Path, *, grace: timedelta = timedelta(0), audit: AuditStore | None = None
+) -> Iterator[Deployment]:
     """The notes server behind the guard with the built-in authorization server, over a ``kind`` store, with
-    users ada (acme, read) and bob (acme and globex, read and admin)."""
+    users ada (acme, read) and bob (acme and globex, read and admin); audited into ``audit`` when given."""
     store = open_store(store_url(kind, tmp_path))
     users = LocalUsers(store, hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST))
 
@@ -116,6 +118,7 @@ def deploy(kind: str, tmp_path: Path, *, grace: timedelta = timedelta(0)) -> Ite
         GuardConfig(public_url=origin),
         keys=cheap_keyring(store),
         oauth=oauth,
+        audit=audit,
     )
     with serve(app, port) as url:
         yield Deployment(url, store, oauth)

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from mcp.shared.auth import OAuthMetadata
 
+from mcpguard import AuditQuery, SQLiteAuditStore
 from tests.oauth.consent_client import CSRF_COOKIE, consent, form_of
 from tests.oauth.flow_helpers import (
     MCP_HEADERS,
@@ -526,3 +527,30 @@ def test_grace_window_lets_the_previous_token_refresh_once_more(tmp_path: Path) 
             assert (await refresh(http, deployment, client_id, second["refresh_token"])).status_code == 400
 
         run(body)
+
+
+@pytest.mark.threat("T-REFRESH-REPLAY", "T-CODE-REPLAY")
+def test_replays_are_in_the_tenants_audit_trail(tmp_path: Path) -> None:
+    """A replayed refresh token and a replayed code are each recorded as denied with reason "replay", under
+    the grant's tenant, subject and grant id, so the tenant's reviewer sees them."""
+    audit = SQLiteAuditStore(str(tmp_path / "audit.db"))
+    with deploy("memory", tmp_path, audit=audit) as deployment:
+
+        async def body(http: httpx.AsyncClient) -> list[dict[str, Any]]:
+            client_id, first = await tokens_for(http, deployment)
+            await refresh(http, deployment, client_id, first["refresh_token"])
+            await refresh(http, deployment, client_id, first["refresh_token"])
+            pkce = Pkce.new()
+            code = await code_for(http, deployment, client_id, pkce)
+            await exchange(http, deployment, client_id, code, pkce.verifier)
+            await exchange(http, deployment, client_id, code, pkce.verifier)
+            page = await audit.query(AuditQuery(tenant="acme", limit=100))
+            return page.calls
+
+        calls = run(body)
+    asyncio.run(audit.close())
+    replays = [c for c in calls if c["reason"] == "replay"]
+    assert len(replays) == 2
+    assert all((c["path"], c["status"], c["decision"]) == ("/token", 400, "denied") for c in replays)
+    assert all(c["subject"].startswith("user:") and c["credential_id"].startswith("g_") for c in replays)
+    assert len({c["credential_id"] for c in replays}) == 2
