@@ -9,6 +9,7 @@ from mcpguard.audit import (
     AuditStore,
     PostgresAuditStore,
     SQLiteAuditStore,
+    new_event_id,
     open_audit_store,
     parse_query,
 )
@@ -134,6 +135,7 @@ __all__ = [
     "client_ip",
     "configure_telemetry",
     "current_principal",
+    "new_event_id",
     "open_audit_store",
     "open_limiter_storage",
     "open_store",

@@ -5,22 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 from typing import Any, TypeAlias
 
 from mcpguard import AUDIT_FILTERS as FILTERS
 from mcpguard import AuditQuery, open_audit_store, parse_query
+from sidecar.cli_support import add_audit_option, audit_url
 
 __all__ = ["add_audit_command"]
 
-_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
-
 
 def _audit_url(args: argparse.Namespace) -> str:
-    if args.audit:
-        return str(args.audit) if "://" in args.audit else f"sqlite:///{args.audit}"
-    state: str = getattr(args, "state", None) or os.environ.get("MCPGUARD_STATE") or "./mcpguard.db"
-    return state if "://" in state else f"sqlite:///{state}"
+    url = audit_url(args)
+    if url is None:
+        raise SystemExit("mcpguard: error: the state is not an SQLite file: name the audit store with --audit")
+    return url
+
+
+_Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 def _query(args: argparse.Namespace) -> AuditQuery:
@@ -80,9 +81,7 @@ async def _run_tail(args: argparse.Namespace) -> int:
 
 
 def _filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--audit", metavar="URL", help="audit store: SQLite path or URL, or postgresql://… (default: the state file)"
-    )
+    add_audit_option(parser)
     parser.add_argument("--tenant", help="one tenant (default: all tenants)")
     parser.add_argument("--tool")
     parser.add_argument("--method", help="JSON-RPC method, e.g. tools/call")

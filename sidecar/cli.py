@@ -20,7 +20,7 @@ import uvloop
 
 from mcpguard import KeyRecord, KeyRing, MCPGuardError, open_store
 from sidecar.audit_cli import add_audit_command
-from sidecar.cli_support import iso, print_table, scope_list, state_url
+from sidecar.cli_support import add_audit_option, iso, print_table, record_operator_action, scope_list, state_url
 from sidecar.grants_cli import add_grants_command
 from sidecar.hashing import hasher_from_env
 from sidecar.quickstart import add_quickstart_command
@@ -139,7 +139,8 @@ async def _keys_revoke(args: argparse.Namespace) -> int:
         print("mcpguard: error: no key with that id", file=sys.stderr)
         return 1
     print(f"revoked key {record.key_id} of tenant {record.tenant} at {iso(record.revoked_at)}")
-    return 0
+    recorded = await record_operator_action(args, "keys revoke", tenant=record.tenant, credential_id=record.key_id)
+    return 0 if recorded else 1
 
 
 def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
@@ -163,6 +164,7 @@ def _add_keys(commands: _Commands, common: argparse.ArgumentParser) -> None:
 
     revoke = actions.add_parser("revoke", parents=[common], help="revoke a key at once")
     revoke.add_argument("key_id", metavar="KEY_ID")
+    add_audit_option(revoke)
     revoke.set_defaults(run=_keys_revoke)
 
 

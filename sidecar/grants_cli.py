@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
 from mcpguard import GrantRecord
-from sidecar.cli_support import iso, opened_store, print_table
+from sidecar.cli_support import add_audit_option, iso, opened_store, print_table, record_operator_action
 
 __all__ = ["add_grants_command"]
 
@@ -72,7 +72,8 @@ async def _revoke(args: argparse.Namespace) -> int:
         print("mcpguard: error: no grant with that id", file=sys.stderr)
         return 1
     print(f"revoked grant {grant.grant_id} of tenant {grant.tenant} at {iso(grant.revoked_at)}")
-    return 0
+    recorded = await record_operator_action(args, "grants revoke", tenant=grant.tenant, credential_id=grant.grant_id)
+    return 0 if recorded else 1
 
 
 def add_grants_command(commands: _Commands, common: argparse.ArgumentParser) -> None:
@@ -87,4 +88,5 @@ def add_grants_command(commands: _Commands, common: argparse.ArgumentParser) -> 
 
     revoke = actions.add_parser("revoke", parents=[common], help="revoke a grant and its tokens at once")
     revoke.add_argument("grant_id", metavar="GRANT_ID")
+    add_audit_option(revoke)
     revoke.set_defaults(run=_revoke)

@@ -15,8 +15,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
-from mcpguard import LocalUsers, Store, UserRecord
-from sidecar.cli_support import iso, opened_store, print_table, scope_list
+from mcpguard import GrantRecord, LocalUsers, Store, UserRecord
+from sidecar.cli_support import add_audit_option, iso, opened_store, print_table, record_operator_action, scope_list
 from sidecar.hashing import hasher_from_env
 
 __all__ = ["add_users_command"]
@@ -48,15 +48,15 @@ def _user_json(record: UserRecord) -> dict[str, Any]:
     }
 
 
-async def _revoke_grants(store: Store, record: UserRecord, at: datetime) -> int:
+async def _revoke_grants(store: Store, record: UserRecord, at: datetime) -> list[GrantRecord]:
     # The subject LocalUsers gives the accounts it signs in.
     subject = f"user:{record.user_id}"
-    revoked = 0
+    revoked: list[GrantRecord] = []
     for tenant in record.tenants:
         for grant in await store.list_grants(tenant):
             if grant.subject == subject and grant.revoked_at is None:
                 await store.revoke_grant(grant.grant_id, at, _DISABLED_REASON)
-                revoked += 1
+                revoked.append(grant)
     return revoked
 
 
@@ -111,8 +111,14 @@ async def _disable(args: argparse.Namespace) -> int:
             return 1
         # Disabling stops new sign-ins; revoking the grants also ends the access and refresh tokens already issued.
         revoked = await _revoke_grants(store, record, now)
-    print(f"disabled user {record.user_id} ({record.email}) at {iso(record.disabled_at)}; revoked {revoked} grant(s)")
-    return 0
+    print(
+        f"disabled user {record.user_id} ({record.email}) at {iso(record.disabled_at)}; revoked {len(revoked)} grant(s)"
+    )
+    recorded = [
+        await record_operator_action(args, "users disable", tenant=grant.tenant, credential_id=grant.grant_id)
+        for grant in revoked
+    ]
+    return 0 if all(recorded) else 1
 
 
 def add_users_command(commands: _Commands, common: argparse.ArgumentParser) -> None:
@@ -143,4 +149,5 @@ def add_users_command(commands: _Commands, common: argparse.ArgumentParser) -> N
 
     disable = actions.add_parser("disable", parents=[common], help="stop a user signing in and revoke their grants")
     disable.add_argument("--email", required=True)
+    add_audit_option(disable)
     disable.set_defaults(run=_disable)

@@ -9,11 +9,12 @@ import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import argon2
 import pytest
 
-from mcpguard import InvalidToken, KeyRing, Principal, open_store
+from mcpguard import AuditQuery, InvalidToken, KeyRing, Principal, open_audit_store, open_store
 from sidecar.cli import main
 from tests.conftest import run_cli as run
 
@@ -219,3 +220,41 @@ def test_console_entry_runs_as_a_module(state: str, cheap_hasher: argon2.Passwor
     assert result.returncode == 0, result.stderr
     created = json.loads(result.stdout)
     assert verify(state, created["key"], cheap_hasher).tenant == "acme"
+
+
+def trail(state: str, tenant: str) -> list[dict[str, Any]]:
+    """The calls of ``tenant`` in the audit trail kept in the state file."""
+
+    async def read() -> list[dict[str, Any]]:
+        store = open_audit_store(f"sqlite:///{state}")
+        try:
+            return (await store.query(AuditQuery(tenant=tenant, limit=100))).calls
+        finally:
+            await store.close()
+
+    return asyncio.run(read())
+
+
+def test_revocation_is_in_the_tenants_audit_trail(capsys: pytest.CaptureFixture[str], state: str) -> None:
+    """`keys revoke` records who revoked which key in the key's tenant's trail, which the sidecar shares."""
+    created = create_json(capsys, state)
+    assert run(capsys, "--state", state, "keys", "revoke", str(created["key_id"]))[0] == 0
+    [entry] = trail(state, "acme")
+    assert (entry["path"], entry["http_method"], entry["credential_id"]) == (
+        "mcpguard keys revoke",
+        "CLI",
+        created["key_id"],
+    )
+    assert entry["subject"].startswith("operator:")
+    assert trail(state, "globex") == []
+
+
+def test_revocation_not_recorded_is_reported(capsys: pytest.CaptureFixture[str], state: str, tmp_path: Path) -> None:
+    """When the trail cannot be written the key is still revoked, and the command says so and exits 1."""
+    created = create_json(capsys, state)
+    unwritable = tmp_path / "no-such-dir" / "audit.db"
+    status, _, err = run(capsys, "--state", state, "keys", "revoke", str(created["key_id"]), "--audit", str(unwritable))
+    assert status == 1
+    assert "not recorded in the audit trail" in err
+    [listed] = json.loads(run(capsys, "--state", state, "keys", "list", "--tenant", "acme", "--json")[1])
+    assert listed["revoked_at"] is not None

@@ -30,6 +30,7 @@ from tests.oauth.flow_helpers import (
     provider_for,
 )
 from tests.sidecar.test_oauth_sidecar import mcp_headers, oauth_sidecar
+from tests.test_cli_keys import trail
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -347,3 +348,24 @@ async def sign_in(url: str, username: str) -> list[int]:
         }
         result = await consent(http, f"{url}/authorize?{urlencode(query)}", username=username, password=PASSWORD)
     return [response.status_code for response in result.responses]
+
+
+def test_grant_revocation_and_user_disable_are_in_the_tenants_audit_trail(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], state: str
+) -> None:
+    """`grants revoke` and `users disable` each record, per grant they end, who ran them in that grant's tenant."""
+    assert add(monkeypatch, capsys, state, "ada@acme.test", "--tenant", "acme", "--tenant", "globex")[0] == 0
+    [ada] = users_in(state)
+    subject = f"user:{ada.user_id}"
+    add_grants(
+        state, grant("g1"), grant("g-acme", subject=subject), grant("g-globex", tenant="globex", subject=subject)
+    )
+    assert run(capsys, "--state", state, "grants", "revoke", "g1")[0] == 0
+    assert run(capsys, "--state", state, "users", "disable", "--email", "ada@acme.test")[0] == 0
+    acme, globex = trail(state, "acme"), trail(state, "globex")
+    assert sorted((c["path"], c["credential_id"]) for c in acme) == [
+        ("mcpguard grants revoke", "g1"),
+        ("mcpguard users disable", "g-acme"),
+    ]
+    assert [(c["path"], c["credential_id"]) for c in globex] == [("mcpguard users disable", "g-globex")]
+    assert all(c["subject"].startswith("operator:") for c in acme + globex)
