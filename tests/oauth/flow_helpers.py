@@ -91,7 +91,12 @@ def store_url(kind: str, tmp_path: Path) -> str:
 
 @contextmanager
 def deploy(
-    kind: str, tmp_path: Path, *, grace: timedelta = timedelta(0), audit: AuditStore | None = None
+    kind: str,
+    tmp_path: Path,
+    *,
+    grace: timedelta = timedelta(0),
+    audit: AuditStore | None = None,
+    failed_auth_limit: str = "20/minute",
 ) -> Iterator[Deployment]:
     """The notes server behind the guard with the built-in authorization server, over a ``kind`` store, with
     users ada (acme, read) and bob (acme and globex, read and admin); audited into ``audit`` when given."""
@@ -119,6 +124,7 @@ def deploy(
         keys=cheap_keyring(store),
         oauth=oauth,
         audit=audit,
+        failed_auth_limit=failed_auth_limit,
     )
     with serve(app, port) as url:
         yield Deployment(url, store, oauth)

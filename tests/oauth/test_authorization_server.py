@@ -554,3 +554,22 @@ def test_replays_are_in_the_tenants_audit_trail(tmp_path: Path) -> None:
     assert all((c["path"], c["status"], c["decision"]) == ("/token", 400, "denied") for c in replays)
     assert all(c["subject"].startswith("user:") and c["credential_id"].startswith("g_") for c in replays)
     assert len({c["credential_id"] for c in replays}) == 2
+
+
+@pytest.mark.threat("T-PASSWORD-GUESS")
+def test_password_guessing_is_limited_per_address(tmp_path: Path) -> None:
+    """Failed sign-ins count against the per-address limit: past it, even the right password gets 429 and
+    no password is checked, for the guessing address."""
+    with deploy("memory", tmp_path, failed_auth_limit="3/minute") as deployment:
+
+        async def body(http: httpx.AsyncClient) -> list[int]:
+            client_id = (await register(http, deployment))["client_id"]
+            statuses = []
+            for password in ["wrong password 1", "wrong password 2", "wrong password 3", PASSWORD]:
+                result = await consent(
+                    http, authorize_url(deployment, client_id, Pkce.new()), username="ada@acme.test", password=password
+                )
+                statuses.append(result.responses[-1].status_code)
+            return statuses
+
+        assert run(body) == [401, 401, 401, 429]
