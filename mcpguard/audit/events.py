@@ -7,7 +7,6 @@ end (naming the start); a call the guard answered itself is one ``local`` entry.
 
 from __future__ import annotations
 
-import base64
 import secrets
 import time
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ Phase = Literal["start", "end", "local"]
 Decision = Literal["allowed", "denied"]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-# base64's RFC 4648 base32 digits, mapped digit for digit onto Crockford's, whose order is the sort order.
-_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", _CROCKFORD.encode())
+# Every pair of digits, so an id is 13 lookups of 10 bits rather than 26 of 5.
+_PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
 USER_AGENT_LIMIT = 256
 
 # The refusal's wire code, reduced to the reasons a reviewer filters by.
@@ -60,8 +59,8 @@ def new_event_id(now: float | None = None) -> str:
     """A 26-character id that sorts by time (48-bit milliseconds, then 80 random bits), like a ULID."""
     millis = int((time.time() if now is None else now) * 1000)
     value = (millis << 80) | secrets.randbits(80)
-    # 26 digits of 5 bits are 130 bits: the 128-bit value after two zero bits, then padding to whole bytes.
-    return base64.b32encode((value << 6).to_bytes(17, "big"))[:26].translate(_TO_CROCKFORD).decode()
+    # 26 digits of 5 bits are 130 bits: the 128-bit value after two zero bits.
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,9 +1,10 @@
 """The audit trail in SQLite (WAL), committed on the event loop with group commit and no timer.
 
-An append joins the pending batch; the first one of a loop iteration schedules a flush, which commits
-everything pending in one transaction. So an idle guard pays one small commit per call, a busy one
-shares each commit among the calls of an iteration, and no thread hop or cross-thread wake-up is paid
-per call. A commit in WAL mode with ``synchronous=NORMAL`` writes the log without syncing it (tens of
+An append joins the pending batch; the first durable one of a loop iteration schedules a flush, which
+commits everything pending in one transaction. Entries nobody waits for (a call's end) ride along with
+the next such commit, or are committed within 50 ms. So an idle guard pays about one small commit per
+call, a busy one shares each commit among the calls of an iteration, and no thread hop or cross-thread
+wake-up is paid per call. A commit in WAL mode with ``synchronous=NORMAL`` writes the log without syncing it (tens of
 microseconds) and survives the process being killed; syncing happens at checkpoints, which run on a
 background thread. With ``synchronous=FULL`` every commit syncs, so commits move to that thread and
 appends arriving meanwhile share the next one. A call's start is awaited until committed, before the
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -41,6 +43,8 @@ _INSERT = insert_sql(_DIALECT)
 # Retention deletes in slices, so a large backlog never holds the write lock (or the loop) for long.
 _DELETE_SLICE = 1000
 _DELETE = f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < ? LIMIT {_DELETE_SLICE})"  # noqa: S608 - fixed text, bound value
+# How long an entry nobody waits for (a call's end) may wait for a commit to ride along with.
+_LAZY_SECONDS = 0.05
 # Commits between background checkpoints: the log stays a few MiB and the loop never syncs.
 _CHECKPOINT_EVERY = 500
 _IN_MEMORY = ":memory:"
@@ -76,6 +80,15 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
+def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(_unavailable(error))
+
+
 class SQLiteAuditStore:
     """Append-only audit events in one SQLite file; ``synchronous`` NORMAL survives a killed process."""
 
@@ -93,7 +106,11 @@ class SQLiteAuditStore:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-audit")
         self._reader: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
+        # Appends and commits come from the loop; a query from another thread may commit what is pending.
+        self._lock = threading.Lock()
         self._flush_loop: asyncio.AbstractEventLoop | None = None
+        self._lazy: asyncio.TimerHandle | None = None
+        self._lazy_loop: asyncio.AbstractEventLoop | None = None
         self._committing = False
         self._checkpointing = False
         self._closed = False
@@ -112,21 +129,30 @@ class SQLiteAuditStore:
         self.commits += 1
         return None
 
-    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _schedule(self, loop: asyncio.AbstractEventLoop, *, urgent: bool) -> None:
         # A flush scheduled on a loop that has since stopped never ran: schedule it where we are now.
-        if self._flush_loop is loop or self._committing:
-            return
-        self._flush_loop = loop
-        loop.call_soon(self._flush)
+        if self._committing or self._flush_loop is loop:
+            return  # the commit under way, or the flush already due, takes this entry along
+        if urgent:
+            self._flush_loop = loop
+            loop.call_soon(self._flush)
+        elif self._lazy is None or self._lazy_loop is not loop:
+            self._lazy, self._lazy_loop = loop.call_later(_LAZY_SECONDS, self._flush), loop
 
     def _flush(self) -> None:
         self._flush_loop = None
-        if self._committing or not self._pending:
-            return
-        batch, self._pending = self._pending, []
-        rows = [row for row, _ in batch]
+        if self._lazy is not None:
+            self._lazy.cancel()
+            self._lazy = None
+        with self._lock:
+            if self._committing or not self._pending:
+                return
+            batch, self._pending = self._pending, []
+            rows = [row for row, _ in batch]
+            if self._inline:
+                error = self._commit(rows)
         if self._inline:
-            self._settle(batch, self._commit(rows))
+            self._settle(batch, error)
             self._maybe_checkpoint()
             return
         self._committing = True
@@ -137,18 +163,26 @@ class SQLiteAuditStore:
             self._committing = False
             self._settle(batch, outcome.exception() or outcome.result())
             if self._pending:
-                self._schedule(loop)
+                self._schedule(loop, urgent=any(future is not None for _, future in self._pending))
 
         done.add_done_callback(committed)
 
     @staticmethod
     def _settle(batch: list[_Pending], error: BaseException | None) -> None:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
         for _, future in batch:
-            if future is not None and not future.done():
-                if error is None:
-                    future.set_result(None)
-                else:
-                    future.set_exception(_unavailable(error))
+            if future is None:
+                continue
+            loop = future.get_loop()
+            if loop is running:
+                _resolve(future, error)
+            elif not loop.is_closed():
+                # A query in another thread committed this entry: its waiter is told on its own loop.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(_resolve, future, error)
 
     def _maybe_checkpoint(self) -> None:
         if self._path == _IN_MEMORY or self._checkpointing or self.commits % _CHECKPOINT_EVERY:
@@ -179,8 +213,10 @@ class SQLiteAuditStore:
             raise StorageUnavailable(_UNAVAILABLE)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] | None = loop.create_future() if durable else None
-        self._pending.append((row_of(event, _DIALECT), future))
-        self._schedule(loop)
+        row = row_of(event, _DIALECT)
+        with self._lock:
+            self._pending.append((row, future))
+        self._schedule(loop, urgent=durable)
         if future is not None:
             await future
 

@@ -458,6 +458,42 @@ class TestAuditStoreConformance:
         backend.run(read)
 
 
+class TestSQLiteCommits:
+    """How the SQLite store shares commits: an entry nobody waits for rides along with the next durable one."""
+
+    def test_each_calls_end_rides_with_the_next_calls_start(self, tmp_path: Path) -> None:
+        """Calls one after another cost about one commit each, not two: a call's end waits for the next start."""
+        calls = [start(minutes=i) for i in range(50)]
+
+        async def body() -> None:
+            store = SQLiteAuditStore(str(tmp_path / "audit.db"))
+            for call in calls:
+                await store.append(call, durable=True)
+                await store.append(end(call), durable=False)
+            assert store.commits <= len(calls) + 1
+            assert sorted(await ids(store)) == sorted(c.id for c in calls)
+            await store.close()
+
+        asyncio.run(body())
+
+    def test_an_end_with_nothing_after_it_is_committed_soon(self, tmp_path: Path) -> None:
+        """With no further traffic, an entry appended without waiting is committed within a moment anyway."""
+        path = tmp_path / "audit.db"
+        call = start()
+
+        async def body() -> None:
+            store = SQLiteAuditStore(str(path))
+            await store.append(call, durable=False)
+            await asyncio.sleep(0.3)
+            with sqlite3.connect(path) as conn:
+                rows = conn.execute("SELECT id FROM audit_events").fetchall()
+            conn.close()
+            assert rows == [(call.id,)]
+            await store.close()
+
+        asyncio.run(body())
+
+
 class TestPostgres:
     """What only the PostgreSQL store promises: a trail replicas share, and failing closed when the server goes."""
 
