@@ -255,13 +255,13 @@ class OAuthError(MCPGuardError):
 
 
 class InvalidClient(OAuthError):
-    """The client could not be authenticated (RFC 6749 §5.2): unknown, or a wrong secret."""
-
-    status = 401
+    """The client could not be authenticated (RFC 6749 §5.2): unknown, or a wrong secret; 401 with a Basic
+    challenge when it tried HTTP Basic, else 400."""
 
     def __init__(self, description: str, *, basic: bool = False) -> None:
         super().__init__("invalid_client", description)
         self._basic = basic
+        self.status = 401 if basic else 400  # type: ignore[misc]  # per instance: depends on how it authenticated
 
     def challenge(self, resource_metadata: str | None) -> str | None:
         # RFC 6749 §5.2: a client that tried HTTP Basic is answered with a Basic challenge.

@@ -197,7 +197,8 @@ def with_authorization_server(
         raise ConfigError(["give either tokens or oauth: the built-in server verifies its own tokens"])
     if not config.authorization_servers:
         config = replace(config, authorization_servers=(oauth.settings.origin,))
-    layer = oauth.layer(failed_auth=failed_auth, trusted_proxies=frozenset(config.trusted_proxies))
+    limiter = failed_auth if failed_auth is not None else FailedAuthLimiter()
+    layer = oauth.layer(failed_auth=limiter, trusted_proxies=frozenset(config.trusted_proxies))
     return config, oauth.verifier, layer
 
 

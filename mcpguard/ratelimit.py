@@ -325,6 +325,22 @@ class FailedAuthLimiter:
         if stats.remaining < 1:
             raise _refusal("too many failed authentications from this address", self._item, stats)
 
+    async def attempt(self, ip: str) -> None:
+        """Count an attempt from ``ip`` before it is checked, refusing it (``RateLimited``) past the limit.
+
+        One atomic store call, so concurrent attempts cannot all slip past a read of the counter; for
+        checks a person makes rarely (signing in), where counting successes too costs nothing.
+        """
+        try:
+            allowed = await self._limiter.hit(self._item, "failed-auth", _key_part(ip))
+            if allowed:
+                return
+            stats = await self._limiter.get_window_stats(self._item, "failed-auth", _key_part(ip))
+        except _STORAGE_ERRORS as exc:
+            self._storage_failed(exc)
+            return
+        raise _refusal("too many sign-in attempts from this address", self._item, stats)
+
     async def record_failure(self, ip: str) -> None:
         """Count one failed authentication from ``ip`` (one store call)."""
         try:

@@ -26,11 +26,14 @@ from mcpguard.oauth.clients import Client, ClientRegistry
 from mcpguard.oauth.consent_page import ConsentView, render_consent, render_error, render_sign_in
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.users import Account, Authenticator
+from mcpguard.scopes import ScopePolicy
 from mcpguard.stores.base import CodeRecord, CodeStore
 
 __all__ = ["AuthorizationRequest", "Authorizer", "CSRF_COOKIE", "Page", "Redirect"]
 
 CSRF_COOKIE = "__Host-mcpguard-csrf"
+_SCOPES = ScopePolicy()
+_LOOPBACK_IPS = frozenset({"127.0.0.1", "::1"})
 _CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 _TICKET_SECONDS = 300
 _REQUEST_FIELDS = (
@@ -74,6 +77,43 @@ class Redirect:
     location: str
 
 
+def _registered(redirect_uri: str, registered: tuple[str, ...]) -> bool:
+    """Exactly a registered URI; or, for a loopback IP literal, one that differs only in its port (RFC 8252
+    §7.3: a native app listens on whatever port it is given)."""
+    if redirect_uri in registered:
+        return True
+    try:
+        parts = urlsplit(redirect_uri)
+        port = parts.port
+    except ValueError:
+        return False
+    if parts.scheme != "http" or parts.hostname not in _LOOPBACK_IPS or port is None:
+        return False
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    portless = parts._replace(netloc=host).geturl()
+    for candidate in registered:
+        try:
+            known = urlsplit(candidate)
+            known_port = known.port
+        except ValueError:
+            continue
+        same_host = known.scheme == "http" and known.hostname == parts.hostname and known_port is not None
+        if same_host and known._replace(netloc=host).geturl() == portless:
+            return True
+    return False
+
+
+def _grantable(requested: tuple[str, ...], account: Account) -> tuple[str, ...]:
+    # Held scopes include the lesser ones (admin includes write and read), so step-ups can be approved.
+    held = _SCOPES.effective(account.scopes)
+    return tuple(scope for scope in requested if scope in held)
+
+
+def _same(given: str, expected: str) -> bool:
+    # Compared as bytes: compare_digest refuses non-ASCII text, and a client controls ``given``.
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -114,12 +154,12 @@ class Authorizer:
         if client is None:
             return Page(400, render_error("This client is not registered with this server."))
         redirect_uri = params.get("redirect_uri", "")
-        if redirect_uri not in client.redirect_uris:
+        if not _registered(redirect_uri, client.redirect_uris):
             return Page(400, render_error("The redirect URI is not one this client registered."))
         state = params.get("state")
 
-        def refuse(error: str, description: str) -> Redirect:
-            return self.redirect(redirect_uri, {"error": error, "error_description": description, "state": state})
+        def refuse(error: str, description: str) -> Redirect | Page:
+            return self._refuse(client, redirect_uri, error, description, state)
 
         if params.get("response_type") != "code":
             return refuse("unsupported_response_type", "only response_type=code is supported")
@@ -148,6 +188,17 @@ class Authorizer:
             params={name: params[name] for name in _REQUEST_FIELDS if name in params},
         )
 
+    def _refuse(
+        self, client: Client, redirect_uri: str, error: str, description: str, state: str | None
+    ) -> Redirect | Page:
+        """An error for the client: redirected to a client the operator configured; for one that registered
+        itself (anyone can, with any https URI), shown here with a link back, so this server never
+        sends a browser somewhere unvetted without a person choosing to go (RFC 9700 §4.11.2)."""
+        back = self.redirect(redirect_uri, {"error": error, "error_description": description, "state": state})
+        if client.configured:
+            return back
+        return Page(400, render_error(f"The application's request was refused: {description}.", back=back.location))
+
     def redirect(self, redirect_uri: str, values: Mapping[str, str | None]) -> Redirect:
         """A redirect to ``redirect_uri`` with ``values`` (and ``iss``) added to its query."""
         query = urlencode({k: v for k, v in {**values, "iss": self._settings.origin}.items() if v is not None})
@@ -174,7 +225,7 @@ class Authorizer:
         return Page(401 if error else 200, page, set_cookie=value if fresh else None)
 
     def _csrf_ok(self, form: Mapping[str, str], cookie: str | None) -> bool:
-        return cookie is not None and hmac.compare_digest(form.get("csrf", ""), self._mac("csrf", cookie))
+        return cookie is not None and _same(form.get("csrf", ""), self._mac("csrf", cookie))
 
     async def submit(self, form: Mapping[str, str], cookie: str | None) -> Page | Redirect:
         """A POSTed step: sign-in (answers the consent page) or the decision (answers the redirect)."""
@@ -187,29 +238,30 @@ class Authorizer:
             account = await self._authenticator.authenticate(form.get("username", ""), form.get("password", ""))
             if account is None:
                 return self.sign_in_page(checked, cookie, error="The email or password is not right.")
-            ticket = self._ticket(account, checked)
+            ticket = self._ticket(account, checked, cookie or "")
             view = self._view(checked, form["csrf"])
-            granted = tuple(s for s in checked.scopes if s in account.scopes)
+            granted = _grantable(checked.scopes, account)
             return Page(200, render_consent(view, account=account, granted=granted, ticket=ticket))
         if form.get("step") != "decide":
             return Page(400, render_error("Unknown step."))
-        account = self._account(form.get("ticket", ""), checked)
+        account = self._account(form.get("ticket", ""), checked, cookie or "")
         if account is None:
             return Page(403, render_error("The sign-in has expired. Start again."))
         if form.get("decision") != "approve":
-            return self.redirect(checked.redirect_uri, {"error": "access_denied", "state": checked.state})
+            return self._refuse(
+                checked.client, checked.redirect_uri, "access_denied", "access was denied", checked.state
+            )
         tenant = form.get("tenant", "")
         if tenant not in account.tenants:
             return Page(403, render_error("Choose one of your tenants."))
-        granted = tuple(s for s in checked.scopes if s in account.scopes)
+        granted = _grantable(checked.scopes, account)
         if not granted:
-            return self.redirect(
+            return self._refuse(
+                checked.client,
                 checked.redirect_uri,
-                {
-                    "error": "invalid_scope",
-                    "error_description": "none of these scopes may be granted by this user",
-                    "state": checked.state,
-                },
+                "invalid_scope",
+                "none of these scopes may be granted by this user",
+                checked.state,
             )
         code = await self._issue_code(checked, account, tenant, granted)
         return self.redirect(checked.redirect_uri, {"code": code, "state": checked.state})
@@ -217,7 +269,7 @@ class Authorizer:
     def _fingerprint(self, request: AuthorizationRequest) -> str:
         return self._mac("request", json.dumps(sorted(request.params.items())))
 
-    def _ticket(self, account: Account, request: AuthorizationRequest) -> str:
+    def _ticket(self, account: Account, request: AuthorizationRequest, cookie: str) -> str:
         body = json.dumps(
             {
                 "sub": account.subject,
@@ -230,17 +282,18 @@ class Authorizer:
             separators=(",", ":"),
         )
         encoded = _b64(body.encode())
-        return f"{encoded}.{self._mac('ticket', encoded)}"
+        # Bound to this browser's CSRF cookie: a ticket copied elsewhere is worthless.
+        return f"{encoded}.{self._mac('ticket', encoded, cookie)}"
 
-    def _account(self, ticket: str, request: AuthorizationRequest) -> Account | None:
+    def _account(self, ticket: str, request: AuthorizationRequest, cookie: str) -> Account | None:
         encoded, _, mac = ticket.partition(".")
-        if not encoded or not hmac.compare_digest(mac, self._mac("ticket", encoded)):
+        if not encoded or not _same(mac, self._mac("ticket", encoded, cookie)):
             return None
         try:
             claims: dict[str, Any] = json.loads(_unb64(encoded))
         except ValueError:
             return None
-        if claims["exp"] < self._clock() or not hmac.compare_digest(claims["req"], self._fingerprint(request)):
+        if claims["exp"] < self._clock() or not _same(claims["req"], self._fingerprint(request)):
             return None
         return Account(
             subject=claims["sub"],

@@ -53,6 +53,7 @@ class BuiltInAuthorizationServer:
         self._store = store
         self._keys = keys
         self._clock = clock
+        self._documents = documents is not None and settings.client_metadata_documents
         self.clients = ClientRegistry(
             settings, store, documents=documents, clock=lambda: datetime.fromtimestamp(clock(), UTC)
         )
@@ -79,9 +80,10 @@ class BuiltInAuthorizationServer:
         return grant.expires_at > datetime.fromtimestamp(self._clock(), UTC)
 
     def layer(
-        self, *, failed_auth: FailedAuthLimiter | None = None, trusted_proxies: frozenset[str] = frozenset()
+        self, *, failed_auth: FailedAuthLimiter, trusted_proxies: frozenset[str] = frozenset()
     ) -> Callable[[ASGIApp], ASGIApp]:
-        """The guard's authorization-server slot: serves the endpoints in front of ``app``."""
+        """The guard's authorization-server slot: serves the endpoints in front of ``app``; ``failed_auth``
+        limits sign-in attempts (and registrations) per client address."""
         jwks = self._keys.jwks if isinstance(self._keys, SigningKeys) else None
 
         def wrap(app: ASGIApp) -> ASGIApp:
@@ -94,6 +96,7 @@ class BuiltInAuthorizationServer:
                 jwks=jwks,
                 failed_auth=failed_auth,
                 trusted_proxies=trusted_proxies,
+                documents=self._documents,
             )
 
         return wrap

@@ -42,6 +42,8 @@ class Client:
     auth_method: str
     # SHA-256 hex of a confidential client's secret (the secret itself is never kept).
     secret_sha256: str | None = None
+    # Registered by the operator: its redirect URIs are trusted with error redirects (RFC 9700 §4.11.2).
+    configured: bool = False
 
     def __repr__(self) -> str:
         return f"Client(client_id={self.client_id!r}, client_name={self.client_name!r}, auth={self.auth_method!r})"
@@ -90,6 +92,7 @@ class ClientRegistry:
                 redirect_uris=c.redirect_uris,
                 auth_method="client_secret_post" if c.client_secret_sha256 else "none",
                 secret_sha256=c.client_secret_sha256,
+                configured=True,
             )
             for c in settings.clients
         }

@@ -118,6 +118,9 @@ def render_consent(view: ConsentView, *, account: Account, granted: tuple[str, .
     )
 
 
-def render_error(message: str) -> str:
-    """A dead end that never redirects: the client or its redirect URI could not be trusted."""
-    return _page("Cannot authorize", f'<h1>Cannot authorize</h1><p class="err" role="alert">{escape(message)}</p>')
+def render_error(message: str, *, back: str | None = None) -> str:
+    """A page that never redirects by itself: with ``back``, a link the person may follow to the application."""
+    link = f'<p><a id="back" href="{escape(back)}">Return to the application</a></p>' if back else ""
+    return _page(
+        "Cannot authorize", f'<h1>Cannot authorize</h1><p class="err" role="alert">{escape(message)}</p>{link}'
+    )

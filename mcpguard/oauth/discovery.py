@@ -26,8 +26,10 @@ METADATA_PATHS = ("/.well-known/oauth-authorization-server", "/.well-known/openi
 CLIENT_AUTH_METHODS = ("none", "client_secret_post", "client_secret_basic")
 
 
-def authorization_server_metadata(settings: OAuthSettings, *, jwks: bool) -> dict[str, Any]:
-    """The metadata document; ``jwks`` says whether tokens are signed with published public keys."""
+def authorization_server_metadata(settings: OAuthSettings, *, jwks: bool, documents: bool) -> dict[str, Any]:
+    """The metadata document; ``jwks`` says whether tokens are signed with published public keys, ``documents``
+    whether Client ID Metadata Documents are fetched (advertised only when they are, or clients would use
+    an https client id that is then unknown)."""
     origin = settings.origin
     document: dict[str, Any] = {
         "issuer": origin,
@@ -43,7 +45,7 @@ def authorization_server_metadata(settings: OAuthSettings, *, jwks: bool) -> dic
         "code_challenge_methods_supported": ["S256"],
         # RFC 9207: authorization responses carry `iss`, so a client can tell which server answered.
         "authorization_response_iss_parameter_supported": True,
-        "client_id_metadata_document_supported": settings.client_metadata_documents,
+        "client_id_metadata_document_supported": settings.client_metadata_documents and documents,
     }
     if settings.dynamic_registration:
         document["registration_endpoint"] = origin + REGISTER_PATH

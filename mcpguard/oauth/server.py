@@ -98,8 +98,9 @@ class AuthorizationServer:
         authorizer: Authorizer,
         tokens: TokenEndpoint,
         jwks: Callable[[], Mapping[str, Any]] | None,
-        failed_auth: FailedAuthLimiter | None = None,
+        failed_auth: FailedAuthLimiter,
         trusted_proxies: frozenset[str] = frozenset(),
+        documents: bool = False,
     ) -> None:
         self.app = app
         self._settings = settings
@@ -109,7 +110,7 @@ class AuthorizationServer:
         self._jwks = jwks
         self._failed_auth = failed_auth
         self._trusted_proxies = trusted_proxies
-        self._metadata = authorization_server_metadata(settings, jwks=jwks is not None)
+        self._metadata = authorization_server_metadata(settings, jwks=jwks is not None, documents=documents)
         self._routes: dict[str, Callable[[Scope, Receive, Send], Any]] = {
             AUTHORIZE_PATH: self._authorize,
             TOKEN_PATH: self._token,
@@ -174,6 +175,8 @@ class AuthorizationServer:
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
             raise MethodNotAllowed("registration takes POST")
+        # Anyone may register, so registrations count against the per-address limit: no unbounded growth.
+        await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
         try:
             metadata = json.loads(await _read_body(receive))
         except ValueError:
@@ -191,14 +194,11 @@ class AuthorizationServer:
             )
         elif scope["method"] == "POST":
             form = _form(await _read_body(receive))
-            if self._failed_auth is not None and form.get("step") == "sign_in":
-                ip = client_ip(scope, self._trusted_proxies)
-                await self._failed_auth.check(ip)
-                answer = await self._authorizer.submit(form, cookie)
-                if isinstance(answer, Page) and answer.status == 401:
-                    await self._failed_auth.record_failure(ip)
-            else:
-                answer = await self._authorizer.submit(form, cookie)
+            if form.get("step") == "sign_in":
+                # Counted before the password is checked, in one store call, so parallel guesses cannot
+                # all pass a read of the counter.
+                await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
+            answer = await self._authorizer.submit(form, cookie)
         else:
             raise MethodNotAllowed("authorize takes GET or POST")
         await self._send_answer(send, answer)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from mcpguard.errors import MCPGuardError, OAuthError
+from mcpguard.errors import InvalidToken, OAuthError
 from mcpguard.oauth.clients import Client, ClientRegistry
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.signing import AccessTokenIssuer
@@ -209,7 +209,7 @@ class TokenEndpoint:
         else:
             try:
                 principal = await self._access_tokens.verify(token)
-            except MCPGuardError:
+            except InvalidToken:
                 return  # not ours, expired or already revoked: nothing left to end (RFC 7009 §2.2)
             if principal.client_id == client.client_id:
                 grant_id = principal.credential_id

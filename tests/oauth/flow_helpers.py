@@ -27,7 +27,7 @@ from mcp.types import ToolAnnotations
 
 from mcpguard import AuditStore, GuardConfig, MCPGuard, Store, current_principal, open_store
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer
-from mcpguard.oauth.settings import OAuthSettings
+from mcpguard.oauth.settings import OAuthSettings, PreregisteredClient
 from mcpguard.oauth.signing import SigningKeys
 from mcpguard.oauth.users import LocalUsers
 from tests.conftest import cheap_keyring, free_port, serve
@@ -35,6 +35,8 @@ from tests.oauth.consent_client import consent
 
 PASSWORD = "correct horse battery staple"
 REDIRECT = "http://127.0.0.1:1/callback"
+# A public client the operator configured (its redirect URI is trusted with error redirects).
+CONFIGURED_CLIENT = "configured-client"
 # A stateless (2026-07-28) tools/list: one POST, no session to open first.
 MCP_HEADERS = {
     "content-type": "application/json",
@@ -113,7 +115,12 @@ def deploy(
     port = free_port()
     origin = f"http://127.0.0.1:{port}"
     oauth = BuiltInAuthorizationServer(
-        OAuthSettings(issuer=origin, resource=f"{origin}/mcp", refresh_grace=grace),
+        OAuthSettings(
+            issuer=origin,
+            resource=f"{origin}/mcp",
+            refresh_grace=grace,
+            clients=(PreregisteredClient(client_id=CONFIGURED_CLIENT, redirect_uris=(REDIRECT,)),),
+        ),
         store=store,
         keys=SigningKeys.load_or_create(tmp_path / "keys"),
         authenticator=users,

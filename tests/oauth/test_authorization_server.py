@@ -5,6 +5,8 @@ forms, tenants outside the membership, and scope widening."""
 from __future__ import annotations
 
 import asyncio
+import html
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -15,9 +17,10 @@ import httpx
 import pytest
 from mcp.shared.auth import OAuthMetadata
 
-from mcpguard import AuditQuery, SQLiteAuditStore
+from mcpguard import AuditQuery, SQLiteAuditStore, StorageUnavailable
 from tests.oauth.consent_client import CSRF_COOKIE, consent, form_of
 from tests.oauth.flow_helpers import (
+    CONFIGURED_CLIENT,
     MCP_HEADERS,
     PASSWORD,
     REDIRECT,
@@ -45,6 +48,15 @@ def run(body: Any) -> Any:
             return await body(http)
 
     return asyncio.run(main())
+
+
+def refused(answer: httpx.Response) -> dict[str, str]:
+    """The error a self-registered client is told: never by redirect, only by a link on an error page."""
+    assert answer.status_code == 400
+    assert "location" not in answer.headers
+    match = re.search(r'<a id="back" href="([^"]*)"', answer.text)
+    assert match is not None
+    return query_of(html.unescape(match[1]))
 
 
 def query_of(location: str | None) -> dict[str, str]:
@@ -120,6 +132,8 @@ def test_metadata_is_rfc8414_and_names_s256_only(deployment: Deployment) -> None
             assert document["code_challenge_methods_supported"] == ["S256"]
             assert document["authorization_response_iss_parameter_supported"] is True
             assert document["token_endpoint"] == f"{deployment.url}/token"
+            # No metadata-document fetcher here, so https client ids are not advertised (they would be unknown).
+            assert document["client_id_metadata_document_supported"] is False
         keys = (await http.get(f"{deployment.url}/jwks.json")).json()["keys"]
         assert keys
         assert all("d" not in key for key in keys)
@@ -140,13 +154,12 @@ def test_metadata_is_rfc8414_and_names_s256_only(deployment: Deployment) -> None
     ],
 )
 def test_authorize_refuses_pkce_downgrade(deployment: Deployment, overrides: dict[str, str | None]) -> None:
-    """Without an S256 challenge the request goes back to the client as invalid_request, with state and iss."""
+    """Without an S256 challenge the request is refused as invalid_request (with state and iss for the client)."""
 
     async def body(http: httpx.AsyncClient) -> None:
         client_id = (await register(http, deployment))["client_id"]
         answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), state="s1", **overrides))
-        assert answer.status_code == 303
-        query = query_of(answer.headers["location"])
+        query = refused(answer)
         assert (query["error"], query["state"], query["iss"]) == ("invalid_request", "s1", deployment.url)
         assert "code" not in query
 
@@ -268,9 +281,9 @@ def test_resource_of_another_server_is_refused(deployment: Deployment) -> None:
     async def body(http: httpx.AsyncClient) -> None:
         client_id = (await register(http, deployment))["client_id"]
         answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), resource="https://other.example/mcp"))
-        assert query_of(answer.headers["location"])["error"] == "invalid_target"
+        assert refused(answer)["error"] == "invalid_target"
         missing = await http.get(authorize_url(deployment, client_id, Pkce.new(), resource=None))
-        assert query_of(missing.headers["location"])["error"] == "invalid_request"
+        assert refused(missing)["error"] == "invalid_request"
         pkce = Pkce.new()
         code = await code_for(http, deployment, client_id, pkce)
         other = await exchange(http, deployment, client_id, code, pkce.verifier, resource="https://other.example/mcp")
@@ -465,8 +478,8 @@ def test_wrong_password_shows_the_form_again_without_a_code(deployment: Deployme
     run(body)
 
 
-def test_denied_consent_redirects_access_denied(deployment: Deployment) -> None:
-    """Deny sends the client access_denied with its state and no code."""
+def test_denied_consent_offers_access_denied(deployment: Deployment) -> None:
+    """Deny gives the self-registered client access_denied with its state and no code, through a link."""
 
     async def body(http: httpx.AsyncClient) -> None:
         client_id = (await register(http, deployment))["client_id"]
@@ -477,7 +490,7 @@ def test_denied_consent_redirects_access_denied(deployment: Deployment) -> None:
             password=PASSWORD,
             decision="deny",
         )
-        query = query_of(result.location)
+        query = refused(result.responses[-1])
         assert (query["error"], query["state"]) == ("access_denied", "keep")
         assert "code" not in query
 
@@ -565,7 +578,8 @@ def test_replays_are_in_the_tenants_audit_trail(tmp_path: Path) -> None:
 def test_password_guessing_is_limited_per_address(tmp_path: Path) -> None:
     """Failed sign-ins count against the per-address limit: past it, even the right password gets 429 and
     no password is checked, for the guessing address."""
-    with deploy("memory", tmp_path, failed_auth_limit="3/minute") as deployment:
+    # Four attempts a minute: the client's registration is one, then three sign-ins.
+    with deploy("memory", tmp_path, failed_auth_limit="4/minute") as deployment:
 
         async def body(http: httpx.AsyncClient) -> list[int]:
             client_id = (await register(http, deployment))["client_id"]
@@ -578,3 +592,137 @@ def test_password_guessing_is_limited_per_address(tmp_path: Path) -> None:
             return statuses
 
         assert run(body) == [401, 401, 401, 429]
+
+
+@pytest.mark.threat("T-REDIRECT-URI")
+def test_only_configured_clients_get_error_redirects(deployment: Deployment) -> None:
+    """A self-registered client (anyone can register any https URI) is never redirected to without a person
+    choosing to follow a link; a client the operator configured gets the error by redirect."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        registered = (await register(http, deployment, redirect_uris=["https://evil.example/phish"]))["client_id"]
+        lure = authorize_url(
+            deployment, registered, Pkce.new(), response_type="nope", redirect_uri="https://evil.example/phish"
+        )
+        assert refused(await http.get(lure))["error"] == "unsupported_response_type"
+        configured = authorize_url(deployment, CONFIGURED_CLIENT, Pkce.new(), response_type="nope")
+        answer = await http.get(configured)
+        assert answer.status_code == 303
+        assert query_of(answer.headers["location"])["error"] == "unsupported_response_type"
+
+    run(body)
+
+
+@pytest.mark.threat("T-REDIRECT-URI")
+def test_loopback_redirect_may_use_any_port_but_nothing_else(deployment: Deployment) -> None:
+    """RFC 8252: a native app's loopback IP redirect URI matches on any port, and the code is bound to the one
+    used; another host name, path or scheme still does not match."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        other_port = "http://127.0.0.1:5555/callback"
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce, redirect_uri=other_port)
+        assert (await exchange(http, deployment, client_id, code, pkce.verifier)).json()["error"] == "invalid_grant"
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce, redirect_uri=other_port)
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": other_port, "client_id": client_id}
+        assert (
+            await http.post(f"{deployment.url}/token", data=form | {"code_verifier": pkce.verifier})
+        ).status_code == 200
+        for wrong in (
+            "http://localhost:5555/callback",
+            "http://127.0.0.1:5555/other",
+            "https://127.0.0.1:5555/callback",
+        ):
+            answer = await http.get(authorize_url(deployment, client_id, Pkce.new(), redirect_uri=wrong))
+            assert answer.status_code == 400
+            assert 'id="back"' not in answer.text
+
+    run(body)
+
+
+def test_a_step_up_may_ask_for_scopes_the_held_ones_include(deployment: Deployment) -> None:
+    """bob holds mcp:admin, which includes mcp:write: he can grant write although he does not hold it by name."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        _, tokens = await tokens_for(http, deployment, user="bob@acme.test", scope="mcp:write")
+        assert tokens["scope"] == "mcp:write"
+
+    run(body)
+
+
+@pytest.mark.threat("T-STORE-FAIL")
+def test_revocation_fails_closed_when_the_grant_store_fails(deployment: Deployment) -> None:
+    """If the grant cannot be looked up, revocation answers 503 rather than a 200 that revoked nothing."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, tokens = await tokens_for(http, deployment)
+
+        async def broken(grant_id: str) -> None:
+            raise StorageUnavailable("storage unavailable")
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(deployment.store, "get_grant", broken)
+            form = {"token": tokens["access_token"], "client_id": client_id}
+            answer = await http.post(f"{deployment.url}/oauth/revoke", data=form)
+        assert answer.status_code == 503
+        assert (await refresh(http, deployment, client_id, tokens["refresh_token"])).status_code == 200
+
+    run(body)
+
+
+@pytest.mark.threat("T-CONSENT-CSRF")
+def test_ticket_from_another_browser_and_non_ascii_fields_are_refused(deployment: Deployment) -> None:
+    """A consent ticket only works with the CSRF cookie it was issued with, and non-ASCII in the MACed fields
+    is a plain refusal, never a server error."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        url = authorize_url(deployment, client_id, Pkce.new())
+        page = await http.get(url)
+        mine = page.headers["set-cookie"].split(";")[0]
+        fields = form_of(page.text).fields | {"username": "ada@acme.test", "password": PASSWORD}
+        consent_page = await http.post(f"{deployment.url}/authorize", data=fields, headers={"cookie": mine})
+        decide = form_of(consent_page.text).fields | {"decision": "approve", "tenant": "acme"}
+        async with httpx.AsyncClient() as other:
+            theirs_page = await other.get(url)
+            theirs = theirs_page.headers["set-cookie"].split(";")[0]
+            stolen = decide | {"csrf": form_of(theirs_page.text).fields["csrf"]}
+            answer = await other.post(f"{deployment.url}/authorize", data=stolen, headers={"cookie": theirs})
+            assert answer.status_code == 403
+            for name in ("csrf", "ticket"):
+                odd = await other.post(
+                    f"{deployment.url}/authorize", data=decide | {name: "é"}, headers={"cookie": mine}
+                )
+                assert odd.status_code == 403
+
+    run(body)
+
+
+@pytest.mark.threat("T-PASSWORD-GUESS")
+def test_parallel_password_guesses_cannot_pass_the_limit_together(tmp_path: Path) -> None:
+    """Ten wrong passwords sent at once against a limit of three: at most three are checked, the rest get 429."""
+    with deploy("memory", tmp_path, failed_auth_limit="3/minute") as deployment:
+
+        async def body(http: httpx.AsyncClient) -> list[int]:
+            client_id = (await register(http, deployment))["client_id"]
+            url = authorize_url(deployment, client_id, Pkce.new())
+            page = await http.get(url)
+            cookie = {"cookie": page.headers["set-cookie"].split(";")[0]}
+            fields = form_of(page.text).fields | {"username": "ada@acme.test"}
+            answers = await asyncio.gather(
+                *(
+                    http.post(
+                        f"{deployment.url}/authorize",
+                        data=fields | {"password": f"guess {i:03d} wrong"},
+                        headers=cookie,
+                    )
+                    for i in range(10)
+                )
+            )
+            return sorted(a.status_code for a in answers)
+
+        statuses = run(body)
+    assert statuses.count(401) <= 3
+    assert statuses.count(429) >= 7

@@ -316,7 +316,8 @@ def test_preregistered_client_proves_its_secret_from_the_environment(
 
         wrong = asyncio.run(exchange("not-" + CLIENT_SECRET))
         right = asyncio.run(exchange(CLIENT_SECRET))
-    assert wrong.status_code == 401
+    # 400, not 401: a secret sent in the body gets no challenge to answer (RFC 6749 §5.2).
+    assert wrong.status_code == 400
     assert wrong.json()["error"] == "invalid_client"
     assert right.status_code == 200
     assert right.json()["token_type"] == "Bearer"
