@@ -132,6 +132,7 @@ class Authorizer:
         codes: CodeStore,
         authenticator: Authenticator,
         *,
+        form_key: Callable[[], bytes] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
@@ -139,11 +140,13 @@ class Authorizer:
         self._codes = codes
         self._authenticator = authenticator
         self._clock = clock
-        self._key = secrets.token_bytes(32)
+        # Shared by every process of a deployment when given, so a form served by one is accepted by another.
+        random_key = secrets.token_bytes(32)
+        self._key = form_key if form_key is not None else lambda: random_key
 
     def _mac(self, purpose: str, *parts: str) -> str:
         message = "\x1f".join((purpose, *parts)).encode()
-        return _b64(hmac.new(self._key, message, hashlib.sha256).digest())
+        return _b64(hmac.new(self._key(), message, hashlib.sha256).digest())
 
     async def check(self, params: Mapping[str, str]) -> AuthorizationRequest | Page | Redirect:
         """The request, or the error page or redirect that answers it."""

@@ -27,6 +27,9 @@ from mcpguard.tokens import JWTVerifier
 
 __all__ = ["BuiltInAuthorizationServer", "OAuthStore"]
 
+# The consent forms' MAC key is derived from the signing keys, so every replica sharing them accepts them.
+_FORM_LABEL = b"mcpguard consent forms"
+
 
 class OAuthStore(ClientStore, CodeStore, GrantStore, Protocol):
     """What the authorization server keeps: clients, codes, and grants with their refresh families."""
@@ -63,7 +66,9 @@ class BuiltInAuthorizationServer:
             lifetime=settings.access_token_lifetime,
             clock=lambda: datetime.fromtimestamp(clock(), UTC),
         )
-        self.authorizer = Authorizer(settings, self.clients, store, authenticator, clock=clock)
+        self.authorizer = Authorizer(
+            settings, self.clients, store, authenticator, form_key=lambda: keys.derive(_FORM_LABEL), clock=clock
+        )
         self.verifier = JWTVerifier(
             issuer=settings.origin,
             audience=settings.resource,

@@ -5,6 +5,8 @@ signed by the rotating Ed25519 ``SigningKeys`` or, for a single service, an HS25
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -49,6 +51,10 @@ class SharedSecret:
     def sign(self, claims: Mapping[str, Any]) -> str:
         """``claims`` as a compact JWS under this secret."""
         return jwt.encode(dict(claims), self._secret, algorithm="HS256", headers={"typ": "at+jwt"})
+
+    def derive(self, label: bytes) -> bytes:
+        """A secret for ``label`` derived from this one, alike in every process that shares it."""
+        return hmac.new(self._secret, label, hashlib.sha256).digest()
 
     def verification_key(self, kid: str | None, /) -> jwt.PyJWK | None:
         """The secret as a key for tokens without a ``kid`` (the only kind it signs); ``None`` for any kid."""

@@ -8,6 +8,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import itertools
 import json
 import os
@@ -147,6 +148,16 @@ class SigningKeys:
         """The public JWK Set to publish at ``/jwks.json``: public halves only, newest first."""
         self._refresh()
         return {"keys": [dict(key.jwk) for key in self._keys.values()]}
+
+    def derive(self, label: bytes) -> bytes:
+        """A secret for ``label`` that every process sharing the directory derives alike (from the oldest key,
+        so it changes only when that key is retired)."""
+        self._refresh()
+        oldest = min(self._keys.values(), key=lambda key: (key.created, key.kid))
+        raw = oldest.private.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
+        return hmac.new(raw, label, hashlib.sha256).digest()
 
     def sign(self, claims: Mapping[str, Any]) -> str:
         """``claims`` as a compact JWS signed by the current key, which the header names by ``kid``."""

@@ -11,13 +11,25 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
+import argon2
 import httpx
 import pytest
 from mcp.shared.auth import OAuthMetadata
 
-from mcpguard import AuditQuery, SQLiteAuditStore, StorageUnavailable
+from mcpguard import (
+    AuditQuery,
+    BuiltInAuthorizationServer,
+    LocalUsers,
+    OAuthSettings,
+    PreregisteredClient,
+    SigningKeys,
+    SQLiteAuditStore,
+    StorageUnavailable,
+    open_store,
+)
+from mcpguard.oauth.authorize import Page, Redirect
 from tests.oauth.consent_client import CSRF_COOKIE, consent, form_of
 from tests.oauth.flow_helpers import (
     CONFIGURED_CLIENT,
@@ -726,3 +738,48 @@ def test_parallel_password_guesses_cannot_pass_the_limit_together(tmp_path: Path
         statuses = run(body)
     assert statuses.count(401) <= 3
     assert statuses.count(429) >= 7
+
+
+def test_a_form_from_one_replica_is_accepted_by_another(tmp_path: Path) -> None:
+    """Replicas sharing the signing keys derive the same form key: a sign-in page served by one may be posted
+    to another (no sticky sessions); a replica with other keys refuses it."""
+    store = open_store("memory://")
+    users = LocalUsers(store, hasher=argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST))
+    settings = OAuthSettings(
+        issuer="https://mcp.example.test",
+        resource="https://mcp.example.test/mcp",
+        clients=(PreregisteredClient(client_id="c", redirect_uris=(REDIRECT,)),),
+    )
+
+    def replica(keys: Path) -> BuiltInAuthorizationServer:
+        return BuiltInAuthorizationServer(
+            settings, store=store, keys=SigningKeys.load_or_create(keys), authenticator=users
+        )
+
+    async def body() -> list[int]:
+        await users.add(email="ada@acme.test", password=PASSWORD, tenants=["acme"])
+        one, two, stranger = replica(tmp_path / "keys"), replica(tmp_path / "keys"), replica(tmp_path / "other")
+        params = parse_qs(urlsplit(authorize_url_for(settings, "c")).query)
+        request = await one.authorizer.check({k: v[0] for k, v in params.items()})
+        assert not isinstance(request, Page | Redirect)
+        page = one.authorizer.sign_in_page(request, None)
+        assert page.set_cookie is not None
+        form = form_of(page.html).fields | {"username": "ada@acme.test", "password": PASSWORD}
+        answers = [await other.authorizer.submit(form, page.set_cookie) for other in (two, stranger)]
+        return [answer.status for answer in answers if isinstance(answer, Page)]
+
+    assert asyncio.run(body()) == [200, 403]
+
+
+def authorize_url_for(settings: OAuthSettings, client_id: str) -> str:
+    """An authorization request for ``client_id`` at ``settings``' server."""
+    pkce = Pkce.new()
+    query = {
+        "response_type": "code",
+        "client_id": client_id,
+        "redirect_uri": REDIRECT,
+        "resource": settings.resource,
+        "code_challenge": pkce.challenge,
+        "code_challenge_method": "S256",
+    }
+    return f"{settings.origin}/authorize?" + urlencode(query)
