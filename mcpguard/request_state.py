@@ -36,6 +36,8 @@ class RequestState:
     refusal: str | None = None
     # The audit reason the refusal named itself, when its wire code is not specific enough.
     refusal_reason: str | None = None
+    # Answers (refusals included) may be read by scripts of any origin: the public OAuth endpoints.
+    cross_origin: bool = False
     # Set by the audit layer: commits the call's start; the gate awaits it just before the app.
     audit_start: Callable[[], Awaitable[None]] | None = None
     audit_start_id: str | None = None

@@ -35,6 +35,8 @@ async def send_error(send: Send, error: MCPGuardError, state: RequestState, reso
     if challenge is not None:
         headers.append((b"www-authenticate", challenge.encode("latin-1", "replace")))
     headers.extend(error.headers())
+    if state.cross_origin:
+        headers.append((b"access-control-allow-origin", b"*"))
     payload: dict[str, Any]
     if state.is_mcp:
         rid = state.message.id if state.message is not None else None

@@ -139,6 +139,8 @@ class AuthorizationServer:
         if method == "OPTIONS" and path != AUTHORIZE_PATH:
             await self._preflight(send)
             return
+        # Browser-based clients call these cross-origin and must be able to read an error too.
+        state_of(scope).cross_origin = path != AUTHORIZE_PATH
         await route(scope, receive, send)
 
     async def _preflight(self, send: Send) -> None:

@@ -7,6 +7,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from mcpguard.config import ConfigError
+from mcpguard.oauth.redirect_uris import redirect_uri_allowed
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE
 
 __all__ = ["OAuthSettings", "PreregisteredClient"]
@@ -80,6 +81,11 @@ class OAuthSettings:
             seen.add(client.client_id)
             if not client.redirect_uris:
                 problems.append(f"preregistered client {client.client_id!r} needs at least one redirect URI")
+            if not all(redirect_uri_allowed(uri) for uri in client.redirect_uris):
+                problems.append(
+                    f"preregistered client {client.client_id!r}: each redirect URI must be https, or http on a"
+                    " loopback host, without a fragment or user info"
+                )
         if problems:
             raise ConfigError(problems)
 

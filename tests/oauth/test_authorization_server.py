@@ -21,6 +21,7 @@ from mcp.shared.auth import OAuthMetadata
 from mcpguard import (
     AuditQuery,
     BuiltInAuthorizationServer,
+    ConfigError,
     LocalUsers,
     OAuthSettings,
     PreregisteredClient,
@@ -783,3 +784,29 @@ def authorize_url_for(settings: OAuthSettings, client_id: str) -> str:
         "code_challenge_method": "S256",
     }
     return f"{settings.origin}/authorize?" + urlencode(query)
+
+
+def test_token_errors_are_readable_cross_origin(deployment: Deployment) -> None:
+    """A browser-based client can read a token error (CORS on refusals too), not only a success."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        answer = await http.post(
+            f"{deployment.url}/token",
+            data={"grant_type": "refresh_token", "refresh_token": "nope", "client_id": "nobody"},
+            headers={"origin": "http://localhost:6274"},
+        )
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_client")
+        assert answer.headers["access-control-allow-origin"] == "*"
+
+    run(body)
+
+
+def test_configured_clients_need_safe_redirect_uris() -> None:
+    """A client in configuration with a plain-http remote or fragment redirect URI is a configuration error."""
+    for uri in ("http://evil.example/cb", "https://ok.example/cb#x"):
+        with pytest.raises(ConfigError, match="redirect URI"):
+            OAuthSettings(
+                issuer="https://mcp.example.test",
+                resource="https://mcp.example.test/mcp",
+                clients=(PreregisteredClient(client_id="c", redirect_uris=(uri,)),),
+            )
