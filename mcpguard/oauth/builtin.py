@@ -76,7 +76,9 @@ class BuiltInAuthorizationServer:
             algorithms=(keys.algorithm,),
             grant_check=self._grant_live,
         )
-        self.tokens = TokenEndpoint(settings, self.clients, store, store, self.issuer, self.verifier, clock=clock)
+        self.tokens = TokenEndpoint(
+            settings, self.clients, store, store, self.issuer, self.verifier, active=authenticator.active, clock=clock
+        )
 
     async def _grant_live(self, grant_id: str) -> bool:
         grant = await self._store.get_grant(grant_id)

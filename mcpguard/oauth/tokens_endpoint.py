@@ -14,7 +14,8 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -34,6 +35,8 @@ from mcpguard.tokens import TokenVerifier
 
 __all__ = ["TokenEndpoint", "hash_secret"]
 
+# Replays seen before their grant existed, remembered only as long as an exchange could still be under way.
+_REPLAYED_KEPT = 1024
 _VERIFIER = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 
 
@@ -71,9 +74,14 @@ class TokenEndpoint:
         issuer: AccessTokenIssuer,
         access_tokens: TokenVerifier,
         *,
+        active: Callable[[str, str], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._settings = settings
+        # Whether the grant's account may still act in its tenant (a disabled user's grants stop refreshing).
+        self._active = active
+        # Grants whose code was replayed before the first exchange had stored them: that exchange revokes them.
+        self._replayed: OrderedDict[str, None] = OrderedDict()
         self._clients = clients
         self._codes = codes
         self._grants = grants
@@ -109,6 +117,10 @@ class TokenEndpoint:
             revoked = await self._grants.revoke_grant(record.grant_id, now, "code_replay")
             if revoked is not None:
                 seen(revoked)
+            else:
+                self._replayed[record.grant_id] = None
+                if len(self._replayed) > _REPLAYED_KEPT:
+                    self._replayed.popitem(last=False)
             raise OAuthError(
                 "invalid_grant",
                 "this code was already used; the tokens issued from it are revoked",
@@ -140,9 +152,15 @@ class TokenEndpoint:
             revoked_reason=None,
             generation=0,
         )
+        await self._require_active(grant.subject, grant.tenant)
         refresh = self._new_refresh_token()
         await self._grants.add_grant(grant, hash_secret(refresh))
         seen(grant)
+        if grant.grant_id in self._replayed:
+            # The code was replayed while this exchange was under way: what it issued must not live.
+            del self._replayed[grant.grant_id]
+            await self._grants.revoke_grant(grant.grant_id, now, "code_replay")
+            raise OAuthError("invalid_grant", "this code was used twice; the tokens issued from it are revoked")
         return self._response(grant, grant.scopes, refresh)
 
     async def _refresh(
@@ -156,6 +174,7 @@ class TokenEndpoint:
         if family is None or not hmac.compare_digest(family.client_id, client.client_id):
             raise OAuthError("invalid_grant", "the refresh token is unknown or was issued to another client")
         seen(family)
+        await self._require_active(family.subject, family.tenant)
         resource = form.get("resource")
         if resource is not None and resource != family.resource:
             raise OAuthError("invalid_target", "resource must stay the one the grant was made for")
@@ -173,6 +192,10 @@ class TokenEndpoint:
         if rotation.outcome not in (RotationOutcome.ROTATED, RotationOutcome.GRACE_REISSUED) or rotation.grant is None:
             raise OAuthError("invalid_grant", "the refresh token is revoked or expired")
         return self._response(rotation.grant, asked or rotation.grant.scopes, successor)
+
+    async def _require_active(self, subject: str, tenant: str) -> None:
+        if self._active is not None and not await self._active(subject, tenant):
+            raise OAuthError("invalid_grant", "the account behind this grant is disabled or no longer in its tenant")
 
     def _new_refresh_token(self) -> str:
         return "mcr_" + secrets.token_urlsafe(32)

@@ -19,6 +19,7 @@ __all__ = ["Account", "Authenticator", "LocalUsers"]
 
 _KNOWN_SCOPES = frozenset({READ, WRITE, ADMIN, AUDIT})
 _MIN_PASSWORD = 12
+_SUBJECT = "user:"
 _MAX_PASSWORD = 1024
 
 
@@ -38,6 +39,10 @@ class Authenticator(Protocol):
 
     async def authenticate(self, username: str, password: str) -> Account | None:
         """The account ``username`` signs in to with ``password``, or ``None`` (never says which part was wrong)."""
+        ...
+
+    async def active(self, subject: str, tenant: str) -> bool:
+        """Whether the account ``subject`` may still act in ``tenant`` (asked on every code exchange and refresh)."""
         ...
 
 
@@ -98,8 +103,15 @@ class LocalUsers:
         if self._hasher.check_needs_rehash(user.password_hash):
             await self._store.set_user_password(user.user_id, await asyncio.to_thread(self._hasher.hash, password))
         return Account(
-            subject=f"user:{user.user_id}", name=user.email, tenants=user.tenants, scopes=frozenset(user.scopes)
+            subject=_SUBJECT + user.user_id, name=user.email, tenants=user.tenants, scopes=frozenset(user.scopes)
         )
+
+    async def active(self, subject: str, tenant: str) -> bool:
+        """Whether the user behind ``subject`` still exists, is not disabled, and is still in ``tenant``."""
+        if not subject.startswith(_SUBJECT):
+            return False
+        user = await self._store.get_user(subject.removeprefix(_SUBJECT))
+        return user is not None and user.disabled_at is None and tenant in user.tenants
 
 
 def _check_password(password: str) -> None:

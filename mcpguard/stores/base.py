@@ -232,6 +232,9 @@ class UserStore(Protocol):
     async def add_user(self, record: UserRecord) -> None:
         """Insert a new user; an existing ``user_id`` or email (in any case) is a ``ValueError``."""
 
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        """The user ``user_id`` names, or ``None``."""
+
     async def get_user_by_email(self, email: str) -> UserRecord | None:
         """The user with this email, compared case-insensitively, or ``None``."""
 

@@ -152,6 +152,10 @@ class MemoryStore:
         self._users[record.user_id] = replace(record, email=email)
         self._user_ids_by_email[email] = record.user_id
 
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        """The user ``user_id`` names, or ``None``."""
+        return self._users.get(user_id)
+
     async def get_user_by_email(self, email: str) -> UserRecord | None:
         """The user with this email, compared case-insensitively, or ``None``."""
         user_id = self._user_ids_by_email.get(email.lower())

@@ -71,6 +71,7 @@ _SET_CODE_CONSUMED = "UPDATE oauth_codes SET consumed_at = ? WHERE code_hash = ?
 _USER_COLUMNS = "user_id, email, password_hash, tenants, scopes, created_at, disabled_at"
 _INSERT_USER = f"INSERT INTO oauth_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 (see above)
 _SELECT_USER_BY_EMAIL = f"SELECT {_USER_COLUMNS} FROM oauth_users WHERE email = ?"  # noqa: S608 (see above)
+_SELECT_USER = f"SELECT {_USER_COLUMNS} FROM oauth_users WHERE user_id = ?"  # noqa: S608 (see above)
 _SET_PASSWORD = f"UPDATE oauth_users SET password_hash = ? WHERE user_id = ? RETURNING {_USER_COLUMNS}"  # noqa: S608 (see above)
 # The first disabling time is kept, as a revocation's is.
 _DISABLE_USER = (
@@ -207,6 +208,11 @@ class OAuthTables:
             sqlite3.SQLITE_CONSTRAINT_UNIQUE: "a user with this email already exists",
         }
         await self._run(lambda conn: _insert(conn, _INSERT_USER, row, duplicate))
+
+    async def get_user(self: Connections, user_id: str) -> UserRecord | None:
+        """The user ``user_id`` names, or ``None``."""
+        rows = await self._run(lambda conn: conn.execute(_SELECT_USER, (user_id,)).fetchall())
+        return _user(rows[0]) if rows else None
 
     async def get_user_by_email(self: Connections, email: str) -> UserRecord | None:
         """The user with this email, compared case-insensitively, or ``None``."""

@@ -8,7 +8,7 @@ import asyncio
 import html
 import re
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -810,3 +810,51 @@ def test_configured_clients_need_safe_redirect_uris() -> None:
                 resource="https://mcp.example.test/mcp",
                 clients=(PreregisteredClient(client_id="c", redirect_uris=(uri,)),),
             )
+
+
+@pytest.mark.threat("T-GRANT-REVOKED-TOKEN")
+def test_a_disabled_user_can_neither_exchange_nor_refresh(deployment: Deployment) -> None:
+    """Disabling a user in the store (however it is done) stops their grants refreshing and their codes
+    being exchanged: the account is asked again on every exchange and refresh."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id, tokens = await tokens_for(http, deployment)
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        ada = await deployment.store.get_user_by_email("ada@acme.test")
+        assert ada is not None
+        await deployment.store.disable_user(ada.user_id, datetime.now(UTC))
+        refreshed = await refresh(http, deployment, client_id, tokens["refresh_token"])
+        assert (refreshed.status_code, refreshed.json()["error"]) == (400, "invalid_grant")
+        exchanged = await exchange(http, deployment, client_id, code, pkce.verifier)
+        assert (exchanged.status_code, exchanged.json()["error"]) == (400, "invalid_grant")
+
+    run(body)
+
+
+@pytest.mark.threat("T-CODE-REPLAY")
+def test_a_code_replayed_during_its_first_exchange_leaves_nothing_alive(deployment: Deployment) -> None:
+    """A replay that arrives while the first exchange is still storing its grant makes that exchange fail
+    too, and the grant it stored is revoked: nothing issued from a replayed code lives."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        client_id = (await register(http, deployment))["client_id"]
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        real_add = deployment.store.add_grant
+
+        async def slow_add(grant: Any, refresh_hash: str) -> None:
+            await asyncio.sleep(0.3)  # widens the one-store-call window so the replay lands inside it
+            await real_add(grant, refresh_hash)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(deployment.store, "add_grant", slow_add)
+            first, replay = await asyncio.gather(
+                exchange(http, deployment, client_id, code, pkce.verifier),
+                exchange(http, deployment, client_id, code, pkce.verifier),
+            )
+        assert [first.status_code, replay.status_code] == [400, 400]
+        [grant] = await deployment.store.list_grants("acme")
+        assert grant.revoked_reason == "code_replay"
+
+    run(body)

@@ -521,6 +521,12 @@ class TestUserStoreConformance:
             assert run(store.get_user_by_email(spelling)) == expected
         assert run(store.get_user_by_email("bob@example.com")) is None
 
+    def test_get_by_id(self, store: Store) -> None:
+        """A user is found by its id as it was stored; an unknown id is ``None``."""
+        run(store.add_user(user(email="Alice@Example.COM")))
+        assert run(store.get_user("u1")) == replace(user(), email="alice@example.com")
+        assert run(store.get_user("u2")) is None
+
     def test_duplicate_email_in_another_case_is_value_error(self, store: Store) -> None:
         """A second user whose email differs only in case is a ValueError, and the first one stays."""
         first = user()
