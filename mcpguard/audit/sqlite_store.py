@@ -5,9 +5,9 @@ commits everything pending in one transaction. Entries nobody waits for (a call'
 the next such commit, or are committed within 50 ms. So an idle guard pays about one small commit per
 call, a busy one shares each commit among the calls of an iteration, and no thread hop or cross-thread
 wake-up is paid per call. A commit in WAL mode with ``synchronous=NORMAL`` writes the log without syncing it (tens of
-microseconds) and survives the process being killed; syncing happens at checkpoints, which run on a
-background thread. With ``synchronous=FULL`` every commit syncs, so commits move to that thread and
-appends arriving meanwhile share the next one. A call's start is awaited until committed, before the
+microseconds) and survives the process being killed; syncing happens at SQLite's checkpoints (a few
+milliseconds every thousand pages). With ``synchronous=FULL`` every commit syncs, so commits move to a
+worker thread and appends arriving meanwhile share the next one. A call's start is awaited until committed, before the
 call is forwarded; its end is queued without waiting. Only retention deletes rows.
 """
 
@@ -45,8 +45,8 @@ _DELETE_SLICE = 1000
 _DELETE = f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE at < ? LIMIT {_DELETE_SLICE})"  # noqa: S608 - fixed text, bound value
 # How long an entry nobody waits for (a call's end) may wait for a commit to ride along with.
 _LAZY_SECONDS = 0.05
-# Commits between background checkpoints: the log stays a few MiB and the loop never syncs.
-_CHECKPOINT_EVERY = 500
+# The log file is cut back to this after a checkpoint, so a burst does not leave a large file behind.
+_JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
 _IN_MEMORY = ":memory:"
 _UNAVAILABLE = "audit store unavailable"
 _ERRORS = (sqlite3.Error, ValueError, OverflowError)
@@ -69,8 +69,10 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        # Checkpoints are ours to run, off the loop (a checkpoint syncs the database file).
-        conn.execute("PRAGMA wal_autocheckpoint = 0")
+        # SQLite's own checkpoint (every 1000 pages, by the committing connection) is the one that always
+        # completes, so the log is rewound and stays small: one checkpoint from another thread never finishes
+        # while commits go on, and a log that only grows makes every read and commit slower.
+        conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
         # Another process (the CLI adding a key to a shared state file) holds the lock for milliseconds.
         conn.execute("PRAGMA busy_timeout = 2000")
         conn.executescript(_SCHEMA)
@@ -102,7 +104,7 @@ class SQLiteAuditStore:
             self._conn = _open(path, synchronous)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(_UNAVAILABLE) from exc
-        # One thread for what must not run on the loop: reads, checkpoints, and FULL-mode writes, in order.
+        # One thread for what must not run on the loop: reads, and FULL-mode writes, in order.
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-audit")
         self._reader: sqlite3.Connection | None = None
         self._pending: list[_Pending] = []
@@ -112,7 +114,6 @@ class SQLiteAuditStore:
         self._lazy: asyncio.TimerHandle | None = None
         self._lazy_loop: asyncio.AbstractEventLoop | None = None
         self._committing = False
-        self._checkpointing = False
         self._closed = False
         # How many commits have been made: fewer than the appends shows them sharing commits.
         self.commits = 0
@@ -153,7 +154,6 @@ class SQLiteAuditStore:
                 error = self._commit(rows)
         if self._inline:
             self._settle(batch, error)
-            self._maybe_checkpoint()
             return
         self._committing = True
         loop = asyncio.get_running_loop()
@@ -183,22 +183,6 @@ class SQLiteAuditStore:
                 # A query in another thread committed this entry: its waiter is told on its own loop.
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(_resolve, future, error)
-
-    def _maybe_checkpoint(self) -> None:
-        if self._path == _IN_MEMORY or self._checkpointing or self.commits % _CHECKPOINT_EVERY:
-            return
-        self._checkpointing = True
-
-        def checkpoint() -> None:
-            try:
-                conn = self._read_connection()
-                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-            except sqlite3.Error:
-                pass  # retried after the next slice of commits; the log only grows meanwhile
-            finally:
-                self._checkpointing = False
-
-        self._worker.submit(checkpoint)
 
     def _read_connection(self) -> sqlite3.Connection:
         # Only ever used on the worker thread; a WAL reader never waits for the writer.
