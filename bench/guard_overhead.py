@@ -82,7 +82,7 @@ def make_call(app: Any, key: str) -> Callable[[], Awaitable[None]]:
     return call
 
 
-async def timed(call: Callable[[], Awaitable[None]], calls: int) -> list[float]:
+async def timed(call: Callable[[], Awaitable[object]], calls: int) -> list[float]:
     for _ in range(min(1000, calls)):
         await call()
     samples = []
