@@ -9,14 +9,14 @@ from mcpguard.errors import InvalidRequest, MethodNotAllowed, PayloadTooLarge
 from mcpguard.jsonrpc import parse_message
 from mcpguard.request_state import RequestState, state_of
 
-__all__ = ["ParseLayer"]
+__all__ = ["Disconnected", "ParseLayer", "read_body"]
 
 # POST carries JSON-RPC; GET opens the server's stream; DELETE ends a session.
 _MCP_METHODS = frozenset({"POST", "GET", "DELETE"})
 
 
-class _Disconnected(Exception):
-    pass
+class Disconnected(Exception):
+    """The client went away before its request body was complete: there is no one left to answer."""
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -31,7 +31,9 @@ def _content_length(scope: Scope) -> int | None:
     return int(raw)
 
 
-async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
+async def read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
+    """The whole request body; ``PayloadTooLarge`` past ``cap`` bytes (declared or streamed), ``Disconnected``
+    if the client leaves first."""
     declared = _content_length(scope)
     if declared is not None and declared > cap:
         raise PayloadTooLarge(f"request body larger than {cap} bytes")
@@ -40,7 +42,7 @@ async def _read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _Disconnected
+            raise Disconnected
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > cap:
@@ -86,8 +88,8 @@ class ParseLayer:
             await self.app(scope, receive, send)
             return
         try:
-            body = await _read_body(scope, receive, self._cap)
-        except _Disconnected:
+            body = await read_body(scope, receive, self._cap)
+        except Disconnected:
             return
         state.message = parse_message(body, scope["headers"], max_depth=self._depth)
         state.body = body

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcpguard.errors import MethodNotAllowed, OAuthError, PayloadTooLarge
+from mcpguard.errors import MethodNotAllowed, OAuthError
 from mcpguard.oauth.authorize import CSRF_COOKIE, AuthorizationRequest, Authorizer, Page, Redirect
 from mcpguard.oauth.clients import ClientRegistry
 from mcpguard.oauth.consent_page import PAGE_HEADERS
@@ -28,6 +28,7 @@ from mcpguard.oauth.discovery import (
 )
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.tokens_endpoint import TokenEndpoint, principal_of
+from mcpguard.parsing import Disconnected, read_body
 from mcpguard.ratelimit import FailedAuthLimiter, client_ip
 from mcpguard.request_state import header, state_of
 from mcpguard.responses import send_json
@@ -43,19 +44,6 @@ _CORS = [
     (b"access-control-max-age", b"600"),
 ]
 _FORM = "application/x-www-form-urlencoded"
-
-
-async def _read_body(receive: Receive) -> bytes:
-    body = bytearray()
-    while True:
-        message: Message = await receive()
-        if message["type"] == "http.disconnect":
-            return bytes(body)
-        body += message.get("body", b"")
-        if len(body) > _MAX_FORM_BYTES:
-            raise PayloadTooLarge("the request body is too large for this endpoint")
-        if not message.get("more_body", False):
-            return bytes(body)
 
 
 def _form(body: bytes) -> dict[str, str]:
@@ -141,7 +129,10 @@ class AuthorizationServer:
             return
         # Browser-based clients call these cross-origin and must be able to read an error too.
         state_of(scope).cross_origin = path != AUTHORIZE_PATH
-        await route(scope, receive, send)
+        try:
+            await route(scope, receive, send)
+        except Disconnected:
+            return  # the client left mid-request: nothing to answer
 
     async def _preflight(self, send: Send) -> None:
         await send({"type": "http.response.start", "status": 204, "headers": _CORS})
@@ -161,7 +152,7 @@ class AuthorizationServer:
         content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type != _FORM:
             raise OAuthError("invalid_request", f"the body must be {_FORM}")
-        return _form(await _read_body(receive))
+        return _form(await read_body(scope, receive, _MAX_FORM_BYTES))
 
     async def _token(self, scope: Scope, receive: Receive, send: Send) -> None:
         form = await self._form_request(scope, receive)
@@ -180,7 +171,7 @@ class AuthorizationServer:
         # Anyone may register, so registrations count against the per-address limit: no unbounded growth.
         await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
         try:
-            metadata = json.loads(await _read_body(receive))
+            metadata = json.loads(await read_body(scope, receive, _MAX_FORM_BYTES))
         except ValueError:
             raise OAuthError("invalid_client_metadata", "the body must be a JSON object") from None
         registered = await self._clients.register(metadata)
@@ -195,7 +186,7 @@ class AuthorizationServer:
                 self._authorizer.sign_in_page(checked, cookie) if isinstance(checked, AuthorizationRequest) else checked
             )
         elif scope["method"] == "POST":
-            form = _form(await _read_body(receive))
+            form = _form(await read_body(scope, receive, _MAX_FORM_BYTES))
             if form.get("step") == "sign_in":
                 # Counted before the password is checked, in one store call, so parallel guesses cannot
                 # all pass a read of the counter.

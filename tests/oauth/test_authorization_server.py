@@ -858,3 +858,25 @@ def test_a_code_replayed_during_its_first_exchange_leaves_nothing_alive(deployme
         assert grant.revoked_reason == "code_replay"
 
     run(body)
+
+
+@pytest.mark.threat("T-BODY-EXHAUST")
+def test_oversized_bodies_are_refused_at_the_oauth_endpoints(deployment: Deployment) -> None:
+    """A registration or token body past 64 KiB is 413, declared or streamed, before anything is parsed."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        huge = {"redirect_uris": [REDIRECT], "client_name": "x" * 70_000}
+        assert (await http.post(f"{deployment.url}/register", json=huge)).status_code == 413
+
+        async def streamed() -> Any:
+            for _ in range(20):
+                yield b"a=" + b"b" * 4096 + b"&"
+
+        answer = await http.post(
+            f"{deployment.url}/token",
+            content=streamed(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert answer.status_code == 413
+
+    run(body)
