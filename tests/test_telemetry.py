@@ -306,26 +306,25 @@ def test_configure_telemetry_without_an_endpoint_is_off() -> None:
     assert configure_telemetry(service_name="mcpguard", otlp_endpoint="") is None
 
 
-def test_endpoint_without_the_otlp_extra_is_a_config_error() -> None:
-    """An endpoint given without the otlp extra installed fails at startup, naming the extra to install."""
+def skip_if_otlp_installed() -> None:
+    """Skip a test of what happens without the otlp extra where the extra is installed."""
     try:
         importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
     except ImportError:
-        pass
-    else:
-        pytest.skip("the otlp extra is installed here")
+        return
+    pytest.skip("the otlp extra is installed here")
+
+
+def test_endpoint_without_the_otlp_extra_is_a_config_error() -> None:
+    """An endpoint given without the otlp extra installed fails at startup, naming the extra to install."""
+    skip_if_otlp_installed()
     with pytest.raises(ConfigError, match=r"mcpguard\[otlp\]"):
         configure_telemetry(service_name="mcpguard", otlp_endpoint="http://127.0.0.1:4318")
 
 
 def test_audit_logs_without_the_otlp_extra_are_a_config_error() -> None:
     """Asking for audit logs too, without the otlp extra installed, fails the same way, naming the extra."""
-    try:
-        importlib.import_module("opentelemetry.exporter.otlp.proto.http._log_exporter")
-    except ImportError:
-        pass
-    else:
-        pytest.skip("the otlp extra is installed here")
+    skip_if_otlp_installed()
     with pytest.raises(ConfigError, match=r"mcpguard\[otlp\]"):
         configure_telemetry(service_name="mcpguard", otlp_endpoint="http://127.0.0.1:4318", logs=True)
 

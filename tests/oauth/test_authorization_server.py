@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import html
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,13 +43,6 @@ from tests.oauth.flow_helpers import (
     deploy,
     register,
 )
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
-    """The guarded server with the built-in authorization server, over each store backend."""
-    with deploy(request.param, tmp_path) as running:
-        yield running
 
 
 def run(body: Any) -> Any:

@@ -4,20 +4,10 @@ discovery, registration, consent, token, tool call, refresh, tool call, revocati
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.oauth.flow_helpers import Deployment, MemoryTokens, Person, call, deploy, provider_for
-
-
-@pytest.fixture(params=["memory", "sqlite"])
-def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Deployment]:
-    """The guarded notes server with the built-in authorization server, over each store backend."""
-    with deploy(request.param, tmp_path) as running:
-        yield running
+from tests.oauth.flow_helpers import Deployment, MemoryTokens, Person, call, provider_for
 
 
 def test_full_flow_discovery_to_revocation(deployment: Deployment) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 import jwt
@@ -17,6 +16,7 @@ from mcpguard.errors import InvalidToken
 from mcpguard.oauth import AccessTokenIssuer, IssuedToken, SharedSecret, SigningKeys
 from mcpguard.principal import CredentialKind, Principal
 from mcpguard.tokens import JWTVerifier, VerificationKeys
+from tests.oauth.conftest import Clock
 
 ISSUER = "https://auth.example.test"
 AUDIENCE = "https://mcp.example.test/mcp"
@@ -29,29 +29,6 @@ GRANT: dict[str, Any] = {
     "client_id": "client-1",
     "grant_id": "grant-1",
 }
-
-
-class Clock:
-    """A settable clock that starts at the real present, since the verifier checks `exp` against real time."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, delta: timedelta) -> None:
-        self.now += delta
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def keys(tmp_path: Path, clock: Clock) -> SigningKeys:
-    return SigningKeys.load_or_create(tmp_path / "keys", clock=clock)
 
 
 def issuer_for(keys: SigningKeys | SharedSecret, clock: Clock, issuer: str = ISSUER) -> AccessTokenIssuer:

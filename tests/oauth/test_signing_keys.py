@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcpguard.errors import StorageUnavailable
 from mcpguard.oauth import SigningKeys
+from tests.oauth.conftest import Clock
 from tests.oauth.test_signing import (
-    Clock,
     b64,
     forged,
     issue,
@@ -29,16 +29,6 @@ from tests.oauth.test_signing import (
     verifier_for,
     verify,
 )
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def keys(tmp_path: Path, clock: Clock) -> SigningKeys:
-    return SigningKeys.load_or_create(tmp_path / "keys", clock=clock)
 
 
 def key_files(directory: Path) -> list[Path]:

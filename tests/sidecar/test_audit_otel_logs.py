@@ -3,7 +3,6 @@ wired so that every audit entry of a call through the sidecar is exported as a l
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from sidecar.settings import SettingsError, SidecarSettings
 from tests.conftest import free_port, make_keys, serve
 from tests.sidecar.test_settings import load, problems_of
 from tests.test_guard import RecordingApp
+from tests.test_telemetry import skip_if_otlp_installed
 
 UPSTREAM = "http://127.0.0.1:9000/mcp"
 COLLECTOR = "http://collector.internal:4318"
@@ -100,12 +100,7 @@ class TestSettings:
 
     def test_endpoint_without_the_otlp_extra_fails_at_startup(self) -> None:
         """A collector configured without the otlp extra installed stops the sidecar, naming the extra."""
-        try:
-            importlib.import_module("opentelemetry.exporter.otlp.proto.http.trace_exporter")
-        except ImportError:
-            pass
-        else:
-            pytest.skip("the otlp extra is installed here")
+        skip_if_otlp_installed()
         settings = load(upstream=UPSTREAM, state="memory://", otlp_endpoint=COLLECTOR, audit_otel_logs=True)
         with pytest.raises(ConfigError, match=r"mcpguard\[otlp\]"):
             sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"})
