@@ -172,7 +172,21 @@ class UpstreamProxy:
             await send({"type": "http.response.body", "body": body})
             return
         await send({"type": "http.response.start", "status": response.status, "headers": headers})
-        await _stream(response, receive, send, limit)
+        first = b""
+        if response.content_type != "text/event-stream":
+            # A JSON answer without a length usually arrives whole in one read, and then there is no stream to watch.
+            try:
+                first = await response.content.readany()
+            except TimeoutError:
+                raise UpstreamTimeout("the upstream MCP server did not finish its answer in time") from None
+            except aiohttp.ClientError:
+                raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
+            if len(first) > limit:
+                raise UpstreamUnavailable("the upstream answer passed the response cap")
+            if response.content.at_eof():
+                await send({"type": "http.response.body", "body": first})
+                return
+        await _stream(response, receive, send, limit, first)
 
     async def exchange(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
         """One exchange with the upstream MCP endpoint, with the upstream's credentials (an ``Exchange``)."""
@@ -200,8 +214,9 @@ class UpstreamProxy:
                 return
 
 
-async def _stream(response: aiohttp.ClientResponse, receive: Receive, send: Send, limit: int) -> None:
-    """Relay a body of unknown or large size chunk by chunk; a client that leaves ends the upstream stream."""
+async def _stream(response: aiohttp.ClientResponse, receive: Receive, send: Send, limit: int, first: bytes) -> None:
+    """Relay a body of unknown or large size chunk by chunk, after the ``first`` bytes already read; a client
+    that leaves ends the upstream stream."""
     relay = asyncio.current_task()
     client_gone = False
 
@@ -214,8 +229,10 @@ async def _stream(response: aiohttp.ClientResponse, receive: Receive, send: Send
             relay.cancel()
 
     watcher = asyncio.create_task(watch())
-    size = 0
+    size = len(first)
     try:
+        if first:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
         async for chunk in response.content.iter_any():
             size += len(chunk)
             if size > limit:

@@ -14,14 +14,14 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
 from mcpguard.audit.query import AuditPage, AuditQuery
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, header, state_of
+from mcpguard.request_state import RequestState, state_of
 from mcpguard.sessions import session_digest
 
 __all__ = ["AuditGate", "AuditLayer", "AuditStore"]
@@ -99,6 +99,7 @@ class AuditLayer:
         received = 0
         outcome, observing_send = observe(scope, send)
         store = self._store
+        client = _client_facts(scope)
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -108,7 +109,7 @@ class AuditLayer:
 
         async def start_call() -> None:
             event_id = new_event_id(self._clock())
-            event = self._event(scope, state, "start", event_id, bytes_in=len(state.body or b""))
+            event = self._event(scope, state, client, "start", event_id, bytes_in=len(state.body or b""))
             await store.append(event, durable=True)
             state.audit_start_id = event_id
 
@@ -122,6 +123,7 @@ class AuditLayer:
             event = self._event(
                 scope,
                 state,
+                client,
                 phase,
                 new_event_id(self._clock()),
                 start_id=state.audit_start_id,
@@ -138,6 +140,7 @@ class AuditLayer:
         self,
         scope: Scope,
         state: RequestState,
+        client: _ClientFacts,
         phase: str,
         event_id: str,
         *,
@@ -147,9 +150,6 @@ class AuditLayer:
         bytes_in: int | None = None,
     ) -> AuditEvent:
         principal, message = state.principal, state.message
-        session = header(scope, b"mcp-session-id")
-        user_agent = header(scope, b"user-agent")
-        traceparent = _TRACEPARENT.fullmatch(header(scope, b"traceparent") or "")
         refused = state.refusal
         status = outcome.status if outcome is not None else None
         decision = decision_for(refused) if phase != "start" else None
@@ -162,7 +162,7 @@ class AuditLayer:
             subject=principal.subject if principal is not None else None,
             credential_id=principal.credential_id if principal is not None else None,
             client_id=principal.client_id if principal is not None else None,
-            session=session_digest(session) if session else None,
+            session=client.session,
             rpc_method=message.method if message is not None else None,
             tool=message.name if message is not None and message.method == "tools/call" else None,
             http_method=scope["method"],
@@ -175,9 +175,35 @@ class AuditLayer:
             duration_ms=duration_ms,
             bytes_in=bytes_in,
             bytes_out=outcome.bytes_out if outcome is not None else None,
-            trace_id=traceparent.group(1) if traceparent else None,
-            user_agent=user_agent[:USER_AGENT_LIMIT] if user_agent else None,
+            trace_id=client.trace_id,
+            user_agent=client.user_agent,
         )
+
+
+class _ClientFacts(NamedTuple):
+    """What the client's headers tell the trail, read once for both of a call's entries."""
+
+    session: str | None
+    user_agent: str | None
+    trace_id: str | None
+
+
+def _client_facts(scope: Scope) -> _ClientFacts:
+    session = user_agent = traceparent = None
+    for name, value in scope["headers"]:
+        # The first of each, as ``header`` would find it.
+        if name == b"mcp-session-id" and session is None:
+            session = value.decode("latin-1")
+        elif name == b"user-agent" and user_agent is None:
+            user_agent = value.decode("latin-1")
+        elif name == b"traceparent" and traceparent is None:
+            traceparent = value.decode("latin-1")
+    trace = _TRACEPARENT.fullmatch(traceparent) if traceparent else None
+    return _ClientFacts(
+        session=session_digest(session) if session else None,
+        user_agent=user_agent[:USER_AGENT_LIMIT] if user_agent else None,
+        trace_id=trace.group(1) if trace else None,
+    )
 
 
 class AuditGate:

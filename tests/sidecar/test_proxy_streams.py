@@ -20,6 +20,7 @@ from tests.conftest import cheap_keyring, free_port, make_keys, serve
 EVENTS = 5
 GAP = 0.15
 CAP = 64 * 1024
+PIECES = (b'{"jsonrpc":"2.0",', b'"id":1,', b'"result":{}}')
 
 
 @dataclass
@@ -41,6 +42,15 @@ class Upstream:
                 data = f'{{"jsonrpc":"2.0","method":"notifications/n","params":{{"i":{index}}}}}'
                 event = f"event: message\ndata: {data}\n\n"
                 await send({"type": "http.response.body", "body": event.encode(), "more_body": True})
+                await asyncio.sleep(GAP)
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if scope["path"] == "/pieces":
+            # A JSON answer without a length that arrives in pieces GAP apart.
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            for piece in PIECES:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
                 await asyncio.sleep(GAP)
             await send({"type": "http.response.body", "body": b""})
             return
@@ -100,6 +110,20 @@ def test_sse_events_arrive_as_direct(rig: Rig) -> None:
         assert proxied[index] - proxied[index - 1] > GAP * 0.5
     assert proxied[-1] - proxied[0] > (direct[-1] - direct[0]) * 0.7
     assert proxied[0] < proxied[-1] - GAP * (EVENTS - 2)
+
+
+def test_unsized_answer_in_pieces_arrives_whole_and_as_it_comes(rig: Rig) -> None:
+    """An answer without a length is relayed piece by piece as the upstream sends it, and arrives complete."""
+    start = time.monotonic()
+    pieces: list[tuple[float, bytes]] = []
+    auth = {"Authorization": f"Bearer {rig.key}"}
+    with httpx.stream("POST", rig.sidecar + "/pieces", headers=auth, timeout=10) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_raw():
+            pieces.append((time.monotonic() - start, chunk))
+    assert b"".join(chunk for _, chunk in pieces) == b"".join(PIECES)
+    # Waiting for the whole answer would deliver everything at once, at the end.
+    assert pieces[-1][0] - pieces[0][0] > GAP * (len(PIECES) - 2)
 
 
 @pytest.mark.threat("T-BODY-EXHAUST")
