@@ -3,11 +3,13 @@ learns the identity only from the guard (scope, ContextVar, and trusted headers)
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard.assertions import ASSERTION_HEADER, AssertionSigner
 from mcpguard.errors import TenantMismatch
-from mcpguard.principal import bound_principal
+from mcpguard.principal import Principal, bound_principal
 from mcpguard.request_state import state_of
 
 __all__ = ["IDENTITY_HEADER_PREFIX", "TenantLayer"]
@@ -32,14 +34,20 @@ class TenantLayer:
         if state.path_tenant is not None and state.path_tenant != principal.tenant:
             raise TenantMismatch("this credential is not valid for the tenant named in the URL")
         # Inbound copies were stripped by the outermost layer; these are the only ones the app sees.
-        identity = [
-            (b"x-mcpguard-tenant", principal.tenant.encode()),
-            (b"x-mcpguard-subject", principal.subject.encode()),
-            (b"x-mcpguard-scopes", " ".join(sorted(principal.scopes)).encode()),
-            (b"x-mcpguard-credential", principal.credential_id.encode()),
-        ]
+        identity = _identity_headers(principal)
         if self._assertions is not None:
-            identity.append((ASSERTION_HEADER, self._assertions.sign(principal)))
+            identity = (*identity, (ASSERTION_HEADER, self._assertions.sign(principal)))
         scope["headers"] = [*scope["headers"], *identity]
         with bound_principal(principal):
             await self.app(scope, receive, send)
+
+
+@lru_cache(maxsize=4096)
+def _identity_headers(principal: Principal) -> tuple[tuple[bytes, bytes], ...]:
+    # A principal is immutable and recurs on every request of its credential, and so do its headers.
+    return (
+        (b"x-mcpguard-tenant", principal.tenant.encode()),
+        (b"x-mcpguard-subject", principal.subject.encode()),
+        (b"x-mcpguard-scopes", " ".join(sorted(principal.scopes)).encode()),
+        (b"x-mcpguard-credential", principal.credential_id.encode()),
+    )
