@@ -5,9 +5,12 @@ commits everything pending in one transaction. Entries nobody waits for (a call'
 the next such commit, or are committed within 50 ms. So an idle guard pays about one small commit per
 call, a busy one shares each commit among the calls of an iteration, and no thread hop or cross-thread
 wake-up is paid per call. A commit in WAL mode with ``synchronous=NORMAL`` writes the log without syncing it (tens of
-microseconds) and survives the process being killed; syncing happens at SQLite's checkpoints (a few
-milliseconds every thousand pages). With ``synchronous=FULL`` every commit syncs, so commits move to a
-worker thread and appends arriving meanwhile share the next one. A call's start is awaited until committed, before the
+microseconds) and survives the process being killed; syncing happens at checkpoints, which copy the
+log into the database (milliseconds, longer on a busy disk). Those run on a thread of their own, about
+every thousand pages, with commits held back meanwhile so the checkpoint catches up and the log starts
+over short; the event loop never waits for a disk sync, and calls wait only for their start's commit.
+With ``synchronous=FULL`` every commit syncs, so commits move to a worker thread and appends arriving
+meanwhile share the next one. A call's start is awaited until committed, before the
 call is forwarded; its end is queued without waiting. Only retention deletes rows.
 """
 
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -32,6 +36,7 @@ from mcpguard.errors import StorageUnavailable
 __all__ = ["SQLiteAuditStore"]
 
 _T = TypeVar("_T")
+logger = logging.getLogger("mcpguard.audit")
 # Times are ISO 8601 text in UTC with microseconds, so comparing the text compares the times.
 _DIALECT = Dialect(param="?", time=iso_time)
 _SCHEMA = f"""
@@ -47,6 +52,10 @@ _DELETE = f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WH
 _LAZY_SECONDS = 0.05
 # The log file is cut back to this after a checkpoint, so a burst does not leave a large file behind.
 _JOURNAL_SIZE_LIMIT = 8 * 1024 * 1024
+# A checkpoint is due after this many commits or rows, whichever comes first: about SQLite's own interval of
+# a thousand pages (a small commit writes four or five, a row of a large batch about a quarter of one).
+_CHECKPOINT_COMMITS = 250
+_CHECKPOINT_ROWS = 4000
 _IN_MEMORY = ":memory:"
 _UNAVAILABLE = "audit store unavailable"
 _ERRORS = (sqlite3.Error, ValueError, OverflowError)
@@ -60,7 +69,7 @@ def _unavailable(cause: BaseException) -> StorageUnavailable:
     return failure
 
 
-def _open(path: str, synchronous: str) -> sqlite3.Connection:
+def _open(path: str, synchronous: str, *, autocheckpoint: bool = True) -> sqlite3.Connection:
     if path != _IN_MEMORY and not os.path.exists(path):
         # Owner-only from the first byte; SQLite gives its -wal and -shm files the same mode.
         with contextlib.suppress(FileExistsError):
@@ -69,10 +78,12 @@ def _open(path: str, synchronous: str) -> sqlite3.Connection:
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        # SQLite's own checkpoint (every 1000 pages, by the committing connection) is the one that always
-        # completes, so the log is rewound and stays small: one checkpoint from another thread never finishes
-        # while commits go on, and a log that only grows makes every read and commit slower.
+        # A checkpoint must be able to catch up with the log, or the log never starts over and every read and
+        # commit slows as it grows: SQLite's own (by the committing connection) always does, and so does the
+        # store's, which holds commits back while it runs.
         conn.execute(f"PRAGMA journal_size_limit = {_JOURNAL_SIZE_LIMIT}")
+        if not autocheckpoint:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         # Another process (the CLI adding a key to a shared state file) holds the lock for milliseconds.
         conn.execute("PRAGMA busy_timeout = 2000")
         conn.executescript(_SCHEMA)
@@ -100,8 +111,10 @@ class SQLiteAuditStore:
         self.url = f"sqlite:///{path}"
         self._path = path
         self._inline = synchronous == "NORMAL"
+        # Inline commits leave checkpoints (the disk syncs) to a thread; FULL-mode commits already run on one.
+        self._checkpoints = self._inline and path != _IN_MEMORY
         try:
-            self._conn = _open(path, synchronous)
+            self._conn = _open(path, synchronous, autocheckpoint=not self._checkpoints)
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnavailable(_UNAVAILABLE) from exc
         # One thread for what must not run on the loop: reads, and FULL-mode writes, in order.
@@ -114,6 +127,11 @@ class SQLiteAuditStore:
         self._lazy: asyncio.TimerHandle | None = None
         self._lazy_loop: asyncio.AbstractEventLoop | None = None
         self._committing = False
+        self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-audit-checkpoint")
+        self._checkpoint_conn: sqlite3.Connection | None = None
+        self._checkpointing: Future[None] | None = None
+        self._unchecked_commits = 0
+        self._unchecked_rows = 0
         self._closed = False
         # How many commits have been made: fewer than the appends shows them sharing commits.
         self.commits = 0
@@ -154,6 +172,11 @@ class SQLiteAuditStore:
                 error = self._commit(rows)
         if self._inline:
             self._settle(batch, error)
+            if self._checkpoints and error is None:
+                self._unchecked_commits += 1
+                self._unchecked_rows += len(rows)
+                if self._unchecked_commits >= _CHECKPOINT_COMMITS or self._unchecked_rows >= _CHECKPOINT_ROWS:
+                    self._start_checkpoint(asyncio.get_running_loop())
             return
         self._committing = True
         loop = asyncio.get_running_loop()
@@ -166,6 +189,34 @@ class SQLiteAuditStore:
                 self._schedule(loop, urgent=any(future is not None for _, future in self._pending))
 
         done.add_done_callback(committed)
+
+    def _start_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        # Commits wait (entries queue up, the loop runs on), so the checkpoint can copy the whole log.
+        self._committing = True
+        self._unchecked_commits = self._unchecked_rows = 0
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+        def finished(_: Future[None]) -> None:
+            with self._lock:
+                self._committing = False
+                waiting = bool(self._pending)
+                urgent = any(future is not None for _, future in self._pending)
+            if waiting and not loop.is_closed():
+                with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: the next append flushes
+                    loop.call_soon_threadsafe(lambda: self._schedule(loop, urgent=urgent))
+
+        self._checkpointing.add_done_callback(finished)
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the database (on the checkpoint thread, with its own connection)."""
+        try:
+            if self._checkpoint_conn is None:
+                self._checkpoint_conn = sqlite3.connect(self._path, isolation_level=None)
+                self._checkpoint_conn.execute("PRAGMA busy_timeout = 2000")
+            # PASSIVE never waits for a reader; a reader's snapshot only defers the log's restart to a later one.
+            self._checkpoint_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (sqlite3.Error, OSError):  # the log only grows until the next checkpoint; commits go on
+            logger.warning("audit log checkpoint failed", exc_info=True)
 
     @staticmethod
     def _settle(batch: list[_Pending], error: BaseException | None) -> None:
@@ -207,7 +258,9 @@ class SQLiteAuditStore:
     async def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
         if self._closed:
             raise StorageUnavailable(_UNAVAILABLE)
-        # What was appended before a read is visible to it.
+        # What was appended before a read is visible to it (committed after a checkpoint under way, if one is).
+        if self._checkpointing is not None and not self._checkpointing.done():
+            await asyncio.wrap_future(self._checkpointing)
         self._flush()
         try:
             if self._path == _IN_MEMORY:
@@ -255,6 +308,11 @@ class SQLiteAuditStore:
             return
         self._closed = True
         loop = asyncio.get_running_loop()
+        if self._checkpointing is not None:
+            await asyncio.wrap_future(self._checkpointing)
+        if self._checkpoint_conn is not None:
+            await loop.run_in_executor(self._checkpointer, self._checkpoint_conn.close)
+        self._checkpointer.shutdown(wait=True)
         # The worker runs jobs in order, so this commit follows one still in flight.
         batch, self._pending = self._pending, []
         if batch:
