@@ -47,6 +47,7 @@ from mcpguard.oauth.builtin import BuiltInAuthorizationServer, OAuthStore
 from mcpguard.oauth.redirect_uris import redirect_uri_allowed
 from mcpguard.oauth.settings import OAuthSettings, PreregisteredClient
 from mcpguard.oauth.users import Account, Authenticator, LocalUsers
+from mcpguard.parsing import Disconnected, read_body
 from mcpguard.principal import CredentialKind, Principal, current_principal
 from mcpguard.ratelimit import FailedAuthLimiter, RateLimitLayer, RateLimits, client_ip, open_limiter_storage
 from mcpguard.request_state import RequestState, state_of
@@ -78,6 +79,7 @@ __all__ = [
     "ClientMetadataFetcher",
     "ConfigError",
     "CredentialKind",
+    "Disconnected",
     "Exchange",
     "ExportingAuditStore",
     "FailedAuthLimiter",
@@ -141,6 +143,7 @@ __all__ = [
     "open_store",
     "parse_query",
     "rate_limit_factory",
+    "read_body",
     "redirect_uri_allowed",
     "send_json",
     "stack_names",

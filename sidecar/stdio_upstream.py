@@ -15,7 +15,16 @@ from typing import Any
 
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import UpstreamTimeout, UpstreamUnavailable, asgi_exchange, send_json, state_of
+from mcpguard import (
+    Disconnected,
+    PayloadTooLarge,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    asgi_exchange,
+    read_body,
+    send_json,
+    state_of,
+)
 from sidecar.stdio_sessions import Channel, ChannelItem, Failure, Message, Session, StdioSessions, StdioSettings
 
 __all__ = ["StdioSettings", "StdioUpstream"]
@@ -82,7 +91,7 @@ class StdioUpstream:
         method = scope["method"]
         raw_session = headers.get(_SESSION)
         if method == "POST":
-            await self._post(headers, receive, send)
+            await self._post(scope, headers, receive, send)
             return
         if method not in ("GET", "DELETE"):
             await _error(send, 405, None, "use POST, GET or DELETE", reason="method_not_allowed")
@@ -103,12 +112,12 @@ class StdioUpstream:
         else:
             await self._listen(session, receive, send)
 
-    async def _post(self, headers: dict[bytes, bytes], receive: Receive, send: Send) -> None:
+    async def _post(self, scope: Scope, headers: dict[bytes, bytes], receive: Receive, send: Send) -> None:
         try:
-            body = await _read_body(receive, self.settings.max_message_bytes)
-        except _ClientGone:
+            body = await read_body(scope, receive, self.settings.max_message_bytes)
+        except Disconnected:
             return
-        if body is None:
+        except PayloadTooLarge:
             await _error(send, 413, None, "the message is larger than the limit", reason="request_too_large")
             return
         try:
@@ -260,27 +269,6 @@ async def _watch_disconnect(receive: Receive, channel: Channel) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
     channel.queue.put_nowait(None)
-
-
-class _ClientGone(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, cap: int) -> bytes | None:
-    """The whole request body, or ``None`` past ``cap``."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGone
-        chunk: bytes = message.get("body", b"")
-        size += len(chunk)
-        if size > cap:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 def _event(data: bytes) -> bytes:
