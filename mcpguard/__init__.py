@@ -44,7 +44,7 @@ from mcpguard.oauth import (
     SigningKeys,
 )
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer, OAuthStore
-from mcpguard.oauth.redirect_uris import redirect_uri_allowed
+from mcpguard.oauth.redirect_uris import LOOPBACK_HOSTS, redirect_uri_allowed
 from mcpguard.oauth.settings import OAuthSettings, PreregisteredClient
 from mcpguard.oauth.users import Account, Authenticator, LocalUsers
 from mcpguard.parsing import Disconnected, read_body
@@ -95,6 +95,7 @@ __all__ = [
     "KeyRecord",
     "KeyRing",
     "KeyStore",
+    "LOOPBACK_HOSTS",
     "ListingError",
     "LocalUsers",
     "MCPGuard",

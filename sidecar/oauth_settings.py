@@ -16,7 +16,15 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from mcpguard import ConfigError, OAuthSettings, PreregisteredClient, SharedSecret, SigningKeys, redirect_uri_allowed
+from mcpguard import (
+    LOOPBACK_HOSTS,
+    ConfigError,
+    OAuthSettings,
+    PreregisteredClient,
+    SharedSecret,
+    SigningKeys,
+    redirect_uri_allowed,
+)
 
 if TYPE_CHECKING:
     from sidecar.settings import SidecarSettings
@@ -40,7 +48,6 @@ _MAX_ACCESS_MINUTES = 60.0
 _MAX_GRACE_SECONDS = 60.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SQLITE = "sqlite:///"
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 _CLIENT_KEYS = ("client_id", "client_name", "redirect_uris", "client_secret_env")
 # Settings that mean something only with oauth = true; jwt_secret_env is one of them despite its name.
 _OAUTH_ONLY = "jwt_secret_env"
@@ -157,7 +164,7 @@ def _origin_problems(settings: SidecarSettings) -> list[Problem]:
     except ValueError:
         return []  # no origin: the listen problem already says so
     # The sign-in form's CSRF cookie is Secure, and OAuth 2.1 wants TLS: plain http works on loopback only.
-    if origin.scheme == "https" or origin.hostname in _LOOPBACK_HOSTS:
+    if origin.scheme == "https" or origin.hostname in LOOPBACK_HOSTS:
         return []
     message = "needs an https public_url (plain http only on localhost, 127.0.0.1 or [::1])"
     return [(("oauth",), message, ("public_url", "listen"))]

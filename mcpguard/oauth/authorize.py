@@ -24,6 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 from mcpguard.oauth.clients import Client, ClientRegistry
 from mcpguard.oauth.consent_page import ConsentView, render_consent, render_error, render_sign_in
+from mcpguard.oauth.redirect_uris import LOOPBACK_HOSTS
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.users import Account, Authenticator
 from mcpguard.scopes import ScopePolicy
@@ -214,7 +215,7 @@ class Authorizer:
             client_name=request.client.client_name or request.client.client_id,
             client_id=request.client.client_id,
             redirect_host=host,
-            loopback=host in ("localhost", "127.0.0.1", "::1"),
+            loopback=host in LOOPBACK_HOSTS,
             scopes=request.scopes,
             params=request.params,
             csrf=csrf,
