@@ -56,6 +56,10 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# Built once: json.loads with options would build a decoder (and its scanner) for every request.
+_STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+
+
 def _depth_exceeds(value: Any, limit: int) -> bool:
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
@@ -80,7 +84,7 @@ def _decode(body: bytes, max_depth: int) -> Any:
     if text.startswith("\ufeff"):
         raise InvalidRequest("request body starts with a byte order mark", jsonrpc_code=PARSE_ERROR)
     try:
-        value = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        value = _STRICT.decode(text)
     except _DuplicateKey as exc:
         raise InvalidRequest(
             f"duplicate JSON key {str(exc)[:64]!r}: ambiguous requests are refused", jsonrpc_code=PARSE_ERROR
