@@ -3,8 +3,12 @@
 Run from the repository root::
 
     python bench/sidecar_vs_direct.py [--seconds 10] [--warmup 2] [--concurrency 1,16,64]
-        [--upstreams demo,echo] [--targets direct,sidecar,nginx] [--out results.json]
+        [--upstreams demo,echo] [--targets direct,sidecar,nginx] [--rounds 1] [--out results.json]
         [--proxy-cmd "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"]
+
+With ``--rounds N`` every concurrency is measured N times, the targets taking turns within each round,
+and each figure is judged by its median over the rounds (printed with its range): on a noisy machine
+one run can be 20% off either way.
 
 Load comes from ``wrk`` (``apt-get install -y wrk``): stateless 2026-07-28 ``tools/call echo`` POSTs,
 so no session is needed, at 1 connection (1 thread) and 16 and 64 connections (2 threads), after a
@@ -34,6 +38,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,6 +112,7 @@ class Run:
     proxy_cpu_ms_per_call: float | None = None
     upstream_cpu_ms_per_call: float | None = None
     note: str = ""
+    round: int = 1
 
 
 @dataclass
@@ -396,11 +402,11 @@ def fmt(value: float | None, spec: str, missing: str = "-") -> str:
 
 
 COLUMNS = "  {:<10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10} {:>10}"
+HEADER = ("target", "req/s", "x direct", "p50 ms", "+p50 ms", "p99 ms", "+p99 ms", "proxy CPU", "upstr CPU")
 
 
 def report_table(runs: list[Run], out: TextIO) -> None:
-    header = ("target", "req/s", "x direct", "p50 ms", "+p50 ms", "p99 ms", "+p99 ms", "proxy CPU", "upstr CPU")
-    print(COLUMNS.format(*header), file=out)
+    print(COLUMNS.format(*HEADER), file=out)
     direct = next((run for run in runs if run.target == "direct" and run.valid), None)
     for run in runs:
         if not run.valid:
@@ -420,38 +426,91 @@ def report_table(runs: list[Run], out: TextIO) -> None:
         print(COLUMNS.format(run.target, *row), file=out)
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of ``values``, or None when any is missing (an invalid run is never averaged away)."""
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known and len(known) == len(values) else None
+
+
+def spread(values: Sequence[float | None], spec: str) -> str:
+    """`` (low-high over N rounds)`` for more than one value, else nothing."""
+    known = [value for value in values if value is not None]
+    if len(known) < 2:
+        return ""
+    return f" ({format(min(known), spec)} to {format(max(known), spec)} over {len(known)} rounds)"
+
+
+def paired(runs: list[Run], upstream: str, proxy: str, connections: int) -> list[tuple[Run, Run]]:
+    """Each round's run of ``proxy`` beside that round's direct run, at ``connections``."""
+    key = (upstream, "direct", connections)
+    direct = {run.round: run for run in runs if (run.upstream, run.target, run.connections) == key}
+    return [
+        (run, direct[run.round])
+        for run in runs
+        if (run.upstream, run.target, run.connections) == (upstream, proxy, connections) and run.round in direct
+    ]
+
+
 def verdicts(upstream: str, runs: list[Run], proxies: Sequence[str]) -> list[Verdict]:
-    """Each design target for each proxy in front of ``upstream``, judged against direct from the same run."""
+    """Each design target for each proxy in front of ``upstream``, judged by its median over the rounds, each
+    round's figure taken against direct from the same round."""
     found: list[Verdict] = []
-    by_key = {(run.target, run.connections): run for run in runs if run.upstream == upstream}
     for proxy in proxies:
-        own = [run for (target, _), run in by_key.items() if target == proxy]
+        own = [run for run in runs if run.upstream == upstream and run.target == proxy]
         if not own:
             found.append(Verdict(upstream, proxy, "every target", None, 0.0, "NOT MET (did not run)"))
             continue
-        # (name, value, limit, whether the value must be at least the limit, the runs it rests on)
-        checks: list[tuple[str, float | None, float, bool, list[Run]]] = []
+        # (name, per-round values, limit, whether the value must be at least the limit, the runs they rest on)
+        checks: list[tuple[str, list[float | None], float, bool, list[Run]]] = []
         for connections in (16, 64):
-            run, direct = by_key.get((proxy, connections)), by_key.get(("direct", connections))
-            if run is not None and direct is not None:
+            pairs = paired(runs, upstream, proxy, connections)
+            if pairs:
                 name = f"throughput >= {MIN_THROUGHPUT_RATIO}x direct at c={connections}"
-                checks.append((name, ratio(run.rps, direct.rps), MIN_THROUGHPUT_RATIO, True, [run, direct]))
-        run, direct = by_key.get((proxy, 1)), by_key.get(("direct", 1))
-        if run is not None and direct is not None:
+                values = [ratio(run.rps, direct.rps) for run, direct in pairs]
+                checks.append((name, values, MIN_THROUGHPUT_RATIO, True, [r for pair in pairs for r in pair]))
+        pairs = paired(runs, upstream, proxy, 1)
+        if pairs:
             name = f"added p50 <= {MAX_ADDED_P50_MS} ms at c=1"
-            checks.append((name, difference(run.p50_ms, direct.p50_ms), MAX_ADDED_P50_MS, False, [run, direct]))
-        cpu = [run.proxy_cpu_ms_per_call for run in own if run.proxy_cpu_ms_per_call is not None]
-        name = f"proxy CPU <= {MAX_PROXY_CPU_MS} ms per call (worst of c={','.join(str(r.connections) for r in own)})"
-        checks.append((name, max(cpu, default=None), MAX_PROXY_CPU_MS, False, own))
-        for name, value, limit, at_least, basis in checks:
+            values = [difference(run.p50_ms, direct.p50_ms) for run, direct in pairs]
+            checks.append((name, values, MAX_ADDED_P50_MS, False, [r for pair in pairs for r in pair]))
+        worst: list[float | None] = []
+        for connections in sorted({run.connections for run in own}):
+            worst.append(median([run.proxy_cpu_ms_per_call for run in own if run.connections == connections]))
+        levels = ",".join(str(c) for c in sorted({run.connections for run in own}))
+        name = f"proxy CPU <= {MAX_PROXY_CPU_MS} ms per call (worst median of c={levels})"
+        checks.append((name, [max(worst) if None not in worst else None], MAX_PROXY_CPU_MS, False, own))
+        for name, values, limit, at_least, basis in checks:
+            value = median(values)
             if not all(run.valid for run in basis):
                 status = "NOT MET (invalid run)"
             elif value is None:
                 status = "NOT MET (not measured)"
             else:
                 status = "met" if (value >= limit if at_least else value <= limit) else "NOT MET"
-            found.append(Verdict(upstream, proxy, name, value, limit, status))
+            found.append(Verdict(upstream, proxy, name + spread(values, ".3f"), value, limit, status))
     return found
+
+
+def report_medians(upstream: str, runs: list[Run], connections: int, out: TextIO) -> None:
+    """Per target, the median over the rounds at ``connections``, each ratio and difference taken per round."""
+    print(f"\n{upstream}, c={connections}: medians over the rounds", file=out)
+    print(COLUMNS.format(*HEADER), file=out)
+    here = [run for run in runs if run.upstream == upstream and run.connections == connections]
+    targets = list(dict.fromkeys(run.target for run in here))
+    for target in targets:
+        own = [run for run in runs if (run.upstream, run.target, run.connections) == (upstream, target, connections)]
+        pairs = paired(runs, upstream, target, connections) if target != "direct" else []
+        row = (
+            fmt(median([run.rps for run in own]), ",.0f"),
+            fmt(median([ratio(run.rps, direct.rps) for run, direct in pairs]) if pairs else None, ".2f"),
+            fmt(median([run.p50_ms for run in own]), ".3f"),
+            fmt(median([difference(run.p50_ms, direct.p50_ms) for run, direct in pairs]) if pairs else None, "+.3f"),
+            fmt(median([run.p99_ms for run in own]), ".3f"),
+            fmt(median([difference(run.p99_ms, direct.p99_ms) for run, direct in pairs]) if pairs else None, "+.3f"),
+            fmt(median([run.proxy_cpu_ms_per_call for run in own]), ".3f"),
+            fmt(median([run.upstream_cpu_ms_per_call for run in own]), ".3f"),
+        )
+        print(COLUMNS.format(target, *row), file=out)
 
 
 def parse_args(argv: Sequence[str] | None) -> Any:
@@ -469,9 +528,12 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--key", default=None, help="use this bearer key instead of running --key-cmd")
     parser.add_argument("--no-key", action="store_true", help="send no Authorization header")
     parser.add_argument("--state", default=None, help="state URL or path for the proxy (default: a temp file)")
+    parser.add_argument("--rounds", type=int, default=1, help="times each concurrency is measured (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.upstreams = [u for u in args.upstreams.split(",") if u]
     args.targets = [t for t in (args.targets or f"direct,{args.proxy_name},nginx").split(",") if t]
     unknown = [u for u in args.upstreams if u not in UPSTREAMS]
@@ -517,12 +579,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         notes.append(f"{target.name} in front of {upstream}: {error}")
                 assert up.proc is not None
                 for connections in args.concurrency:
-                    batch = [measure(lua, upstream, target, up.proc, connections, args) for target in ready]
-                    runs.extend(batch)
-                    print(f"\n{upstream}: {UPSTREAMS[upstream][0]}, c={connections}", file=out)
-                    report_table(batch, out)
+                    for number in range(1, args.rounds + 1):
+                        batch = [measure(lua, upstream, target, up.proc, connections, args) for target in ready]
+                        for run in batch:
+                            run.round = number
+                        runs.extend(batch)
+                        which = f", round {number} of {args.rounds}" if args.rounds > 1 else ""
+                        print(f"\n{upstream}: {UPSTREAMS[upstream][0]}, c={connections}{which}", file=out)
+                        report_table(batch, out)
+                    if args.rounds > 1:
+                        report_medians(upstream, runs, connections, out)
             found.extend(verdicts(upstream, runs, proxies))
-    print("\ntargets (DESIGN.md, judged against direct from the same run):", file=out)
+    basis = "against direct from the same run"
+    if args.rounds > 1:
+        basis = "median over the rounds, each against direct from its round"
+    print(f"\ntargets (DESIGN.md, judged by the {basis}):", file=out)
     for verdict in found:
         print(
             f"  [{verdict.upstream}] {verdict.target}: {verdict.name}: {fmt(verdict.value, '.3f', 'n/a')} "
@@ -534,7 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for note in notes:
         print(f"note: {note}", file=out)
     if args.out:
-        config = {name: getattr(args, name) for name in ("seconds", "warmup", "concurrency", "upstreams", "targets")}
+        config = {
+            name: getattr(args, name) for name in ("seconds", "warmup", "concurrency", "upstreams", "targets", "rounds")
+        }
         config |= {"proxy_cmd": args.proxy_cmd, "cpus": os.cpu_count()}
         document = {
             "config": config,
