@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -162,12 +162,7 @@ class UpstreamProxy:
             headers.append((b"content-length", str(length).encode()))
         if length is not None and length <= _WHOLE_BODY_BYTES:
             # A small answer of known size: one read and one send, no stream to watch.
-            try:
-                body = await response.read()
-            except TimeoutError:
-                raise UpstreamTimeout("the upstream MCP server did not finish its answer in time") from None
-            except aiohttp.ClientError:
-                raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
+            body = await _answer(response.read())
             await send({"type": "http.response.start", "status": response.status, "headers": headers})
             await send({"type": "http.response.body", "body": body})
             return
@@ -175,12 +170,7 @@ class UpstreamProxy:
         first = b""
         if response.content_type != "text/event-stream":
             # A JSON answer without a length usually arrives whole in one read, and then there is no stream to watch.
-            try:
-                first = await response.content.readany()
-            except TimeoutError:
-                raise UpstreamTimeout("the upstream MCP server did not finish its answer in time") from None
-            except aiohttp.ClientError:
-                raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
+            first = await _answer(response.content.readany())
             if len(first) > limit:
                 raise UpstreamUnavailable("the upstream answer passed the response cap")
             if response.content.at_eof():
@@ -212,6 +202,16 @@ class UpstreamProxy:
                 await self.close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _answer(reading: Awaitable[bytes]) -> bytes:
+    """What ``reading`` gets of the upstream's answer, its failures in the guard's terms."""
+    try:
+        return await reading
+    except TimeoutError:
+        raise UpstreamTimeout("the upstream MCP server did not finish its answer in time") from None
+    except aiohttp.ClientError:
+        raise UpstreamUnavailable("the upstream MCP server broke off its answer") from None
 
 
 async def _stream(response: aiohttp.ClientResponse, receive: Receive, send: Send, limit: int, first: bytes) -> None:

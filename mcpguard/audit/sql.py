@@ -24,10 +24,14 @@ _AT = COLUMNS.index("at")
 _VALUES = attrgetter(*COLUMNS)
 
 
+def _utc(at: datetime) -> datetime:
+    # Entries are stamped in UTC already; converting costs as much as formatting.
+    return at if at.tzinfo is UTC else at.astimezone(UTC)
+
+
 def iso_time(at: datetime) -> str:
     """``at`` in UTC as ISO 8601 with microseconds: how a call's time reads back, whatever the store."""
-    # Entries are stamped in UTC already; converting costs as much as formatting.
-    return (at if at.tzinfo is UTC else at.astimezone(UTC)).isoformat(timespec="microseconds")
+    return _utc(at).isoformat(timespec="microseconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +51,7 @@ def insert_sql(dialect: Dialect) -> str:
 def row_of(event: AuditEvent, dialect: Dialect) -> tuple[Any, ...]:
     """The values ``insert_sql`` binds for ``event``."""
     values = list(_VALUES(event))
-    at = event.at
-    values[_AT] = dialect.time(at if at.tzinfo is UTC else at.astimezone(UTC))
+    values[_AT] = dialect.time(_utc(event.at))
     return tuple(values)
 
 
@@ -80,10 +83,10 @@ def calls_sql(q: AuditQuery, dialect: Dialect) -> tuple[str, list[Any]]:
             args.append(value)
     if q.since is not None:
         where.append(f"s.at >= {p}")
-        args.append(dialect.time(q.since.astimezone(UTC)))
+        args.append(dialect.time(_utc(q.since)))
     if q.until is not None:
         where.append(f"s.at < {p}")
-        args.append(dialect.time(q.until.astimezone(UTC)))
+        args.append(dialect.time(_utc(q.until)))
     if q.before_id is not None:
         where.append(f"s.id < {p}")
         args.append(q.before_id)
