@@ -80,6 +80,13 @@ class ScopeLayer:
         return watched
 
 
+def _event(kind: str | None, data: str) -> bytes:
+    """One SSE event of type ``kind`` (none: the default) carrying ``data``, a single line of JSON."""
+    lines = [f"event: {kind}"] if kind else []
+    lines.append("data: " + data)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
 class _ListingFilter:
     """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
 
@@ -117,6 +124,10 @@ class _ListingFilter:
                         strip_pinned_argument(tool, self._pinned)
         return payload
 
+    def _unreadable(self) -> bytes:
+        error = {"code": -32603, "message": "the server's tools/list answer could not be read"}
+        return json.dumps({"jsonrpc": "2.0", "id": self._id, "error": error}, separators=(",", ":")).encode()
+
     def _rewrite_event(self, event: bytes) -> bytes:
         # Whatever the event type, an answer to this request is filtered: a client may read any type.
         kind, data = event_data(event)
@@ -124,13 +135,14 @@ class _ListingFilter:
             return event
         try:
             payload = json.loads(data)
+        except RecursionError:
+            # JSON too deep to read may still be the answer, and what we cannot read we cannot filter.
+            return _event(kind, self._unreadable().decode())
         except ValueError:
             return event
         if not (isinstance(payload, dict) and payload.get("id") == self._id):
             return event
-        lines = [f"event: {kind}"] if kind else []
-        lines.append("data: " + json.dumps(self._filter(payload), separators=(",", ":")))
-        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return _event(kind, json.dumps(self._filter(payload), separators=(",", ":")))
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -172,10 +184,9 @@ class _ListingFilter:
         start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
         try:
             body = json.dumps(self._filter(json.loads(b"".join(self._buffer))), separators=(",", ":")).encode()
-        except ValueError:
+        except (ValueError, RecursionError):
             # What we cannot read we cannot filter, so it is not passed on.
-            error = {"code": -32603, "message": "the server's tools/list answer could not be read"}
-            body = json.dumps({"jsonrpc": "2.0", "id": self._id, "error": error}).encode()
+            body = self._unreadable()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
         await self._send({**start, "headers": headers})

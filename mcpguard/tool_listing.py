@@ -130,7 +130,7 @@ def tool_lister(exchange: Exchange) -> ToolLister:
             raise ListingError(f"{method} answered HTTP {status}")
         try:
             return resp_headers, _result(_responses(resp_headers.get("content-type", ""), body), rid)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
             raise ListingError(f"{method} answer is not JSON") from None
 
     async def paginate(headers: dict[str, str], meta: dict[str, Any] | None) -> list[Mapping[str, Any]]:

@@ -282,7 +282,7 @@ class StdioSessions:
     def _route(self, session: Session, line: bytes) -> None:
         try:
             message = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
             logger.warning("the upstream MCP server wrote a line that is not JSON; ignored")
             return
         if not isinstance(message, dict):

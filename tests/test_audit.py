@@ -20,6 +20,7 @@ from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import list_tools, rpc
 
 CANARY = "canary-7f3a9c1e5b2d4086"
+NESTING = 200_000
 
 
 @dataclass
@@ -40,6 +41,9 @@ class ToolApp:
         failing = request.get("params", {}).get("name") == "failing"
         result = {"content": [{"type": "text", "text": f"result {CANARY}"}], "isError": failing}
         answer = json.dumps({"jsonrpc": "2.0", "id": request.get("id"), "result": result}).encode()
+        if request.get("params", {}).get("name") == "nested":
+            # Deeper than Python's JSON parser can go: the audit's scan of the answer must give up, not break it.
+            answer = answer.replace(b'"content": [', b'"content": [' + b"[" * NESTING + b"]" * NESTING + b",", 1)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
         await send({"type": "http.response.body", "body": answer})
 
@@ -49,6 +53,7 @@ async def tools(host: str | None) -> list[Any]:
     return [
         *await list_tools(host),
         {"name": "failing", "annotations": {"readOnlyHint": True}},
+        {"name": "nested", "annotations": {"readOnlyHint": True}},
     ]
 
 
@@ -121,6 +126,19 @@ def test_tool_error_flag_is_recorded(audited: Audited) -> None:
     call(audited, "acme", "failing")
     latest = calls(audited, "acme-audit", "?tool=failing")[0]
     assert latest["tool_error"] is True
+
+
+@pytest.mark.threat("T-DEEP-JSON")
+def test_answer_too_deep_to_parse_still_arrives_and_is_recorded(audited: Audited) -> None:
+    """An upstream answer nested past what the JSON parser can read reaches the client whole and is recorded."""
+    response = call(audited, "acme", "nested")
+    assert response.status_code == 200
+    assert response.content.count(b"[") > NESTING
+    assert response.content.endswith(b"}")
+    latest = calls(audited, "acme-audit", "?tool=nested")[0]
+    assert latest["outcome"] == "complete"
+    assert latest["status"] == 200
+    assert latest["bytes_out"] == len(response.content)
 
 
 @pytest.mark.threat("T-AUDIT-GAP")

@@ -84,6 +84,9 @@ class RecordingApp:
             return
         if b'"tools/list"' in body:
             answer = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"tools": TOOLS}}).encode()
+            if (b"x-test-deep", b"1") in scope["headers"]:
+                # Every tool, then nesting deeper than Python's JSON parser can read.
+                answer = answer.replace(b"]}}", b", " + b"[" * 5000 + b"]" * 5000 + b"]}}")
         else:
             answer = b'{"jsonrpc":"2.0","id":1,"result":{}}'
         if (b"x-test-sse", b"1") in scope["headers"]:
@@ -272,6 +275,15 @@ def test_insufficient_scope_challenge_names_the_needed_scope(guarded: Guarded) -
     assert response.json()["id"] == 1
 
 
+def listing_answer(response: httpx.Response, *, sse: bool) -> Any:
+    """The JSON-RPC answer to a tools/list: the body, or (SSE) the event after the progress notice."""
+    if not sse:
+        return response.json()
+    events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
+    assert "notifications/progress" in events[0]
+    return json.loads(events[1])
+
+
 @pytest.mark.parametrize(
     ("label", "expected"),
     [("read", ["read_tool"]), ("write", ["read_tool", "write_tool"]), ("admin", [t["name"] for t in TOOLS])],
@@ -281,13 +293,21 @@ def test_tools_list_is_filtered_to_callable_tools(guarded: Guarded, label: str, 
     """A tools/list answer, JSON or SSE, names only the tools the caller may call."""
     response = post(guarded, guarded.keys[label], rpc("tools/list"), headers={"x-test-sse": "1"} if sse else None)
     assert response.status_code == 200
-    if sse:
-        events = [line[len("data: ") :] for line in response.text.splitlines() if line.startswith("data: ")]
-        assert "notifications/progress" in events[0]
-        payload = json.loads(events[1])
-    else:
-        payload = response.json()
+    payload = listing_answer(response, sse=sse)
     assert [tool["name"] for tool in payload["result"]["tools"]] == expected
+
+
+@pytest.mark.threat("T-DEEP-JSON")
+@pytest.mark.parametrize("sse", [False, True])
+def test_tools_list_too_deep_to_read_is_refused_not_passed_on(guarded: Guarded, sse: bool) -> None:
+    """A tools/list answer the guard cannot parse cannot be filtered, so the caller gets an error, not the list."""
+    headers = {"x-test-deep": "1", **({"x-test-sse": "1"} if sse else {})}
+    response = post(guarded, guarded.keys["read"], rpc("tools/list"), headers=headers)
+    assert response.status_code == 200
+    assert b"write_tool" not in response.content
+    payload = listing_answer(response, sse=sse)
+    assert payload["error"]["code"] == -32603
+    assert payload["id"] == 1
 
 
 @pytest.mark.threat("T-TENANT-SPOOF")

@@ -172,7 +172,7 @@ class AuthorizationServer:
         await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
         try:
             metadata = json.loads(await read_body(scope, receive, _MAX_FORM_BYTES))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
             raise OAuthError("invalid_client_metadata", "the body must be a JSON object") from None
         registered = await self._clients.register(metadata)
         await send_json(send, 201, registered, extra_headers=_CORS[:1])

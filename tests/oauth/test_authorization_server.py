@@ -243,6 +243,19 @@ def test_registration_refuses_unsafe_redirect_uris(deployment: Deployment, uris:
     run(body)
 
 
+@pytest.mark.threat("T-DEEP-JSON")
+def test_registration_refuses_json_nested_too_deep_to_read(deployment: Deployment) -> None:
+    """A registration body nested past what the JSON parser can go is a client error, not a server failure."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        nested = b"[" * 5000 + b"]" * 5000
+        headers = {"content-type": "application/json"}
+        answer = await http.post(f"{deployment.url}/register", content=nested, headers=headers)
+        assert (answer.status_code, answer.json()["error"]) == (400, "invalid_client_metadata")
+
+    run(body)
+
+
 @pytest.mark.threat("T-CODE-REPLAY")
 def test_code_replay_revokes_what_the_code_issued(deployment: Deployment) -> None:
     """The second exchange of a code fails, and the tokens of the first stop working at once."""

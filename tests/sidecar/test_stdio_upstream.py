@@ -353,3 +353,20 @@ def test_session_and_message_limits() -> None:
     assert too_big.status_code == 413
     assert "larger than the limit" in answer_too_big.text
     assert after.status_code == 404
+
+
+@pytest.mark.threat("T-DEEP-JSON")
+def test_line_too_deep_to_parse_is_ignored_and_the_session_goes_on() -> None:
+    """A line of JSON nested past what the parser can read is dropped like any line that is not JSON."""
+    deep_first = (
+        "import runpy, sys; "
+        "sys.stdout.write('[' * 5000 + ']' * 5000 + '\\n'); sys.stdout.flush(); "
+        "sys.argv = ['demo', '--stdio']; runpy.run_module('sidecar.demo_server', run_name='__main__')"
+    )
+    settings = StdioSettings(argv=(sys.executable, "-c", deep_first), cwd=str(REPO), read_timeout=10)
+    with stdio_sidecar(settings, {"read": ("acme", "mcp:read")}) as running:
+        key = running.keys["read"]
+        session, _ = initialize(running, key)
+        listed = tools_list(running, key, session)
+    assert listed.status_code == 200
+    assert "echo" in listed.text
