@@ -1,15 +1,15 @@
 """MCP keys as a service: issued once and stored as an argon2id hash, verified with a short cache, revoked.
 
-argon2 is the price of a stolen store being useless, so a successful verification is remembered under an
-HMAC of the key for a short while; the record itself is read on every call, so revocation and expiry
-still take effect on the next request.
+argon2 is the price of a stolen store being useless, so a successful verification is remembered under a
+keyed hash (BLAKE2b, RFC 7693) of the key for a short while; the record itself is read on every call,
+so revocation and expiry still take effect on the next request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
-import hmac
+import hashlib
 import logging
 import re
 import secrets
@@ -82,7 +82,7 @@ class KeyRing:
         self._now = now
         # Bounded so that argon2 work queues up instead of taking every core.
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mcpguard-argon2")
-        # Cache entries are keyed by an HMAC under a secret that never leaves this object, so the cache
+        # Cache entries are keyed by a keyed hash under a secret that never leaves this object, so the cache
         # holds nothing that could be checked against a guessed key.
         self._cache_secret = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, _Verified] = OrderedDict()
@@ -126,7 +126,13 @@ class KeyRing:
 
     async def verify(self, presented: str) -> Principal:
         """The principal ``presented`` proves, or ``InvalidToken``; a store failure propagates (fail closed)."""
-        key_id, _ = parse_key(presented)
+        # BLAKE2b with a key is a MAC of its own, and cheaper per call than OpenSSL's HMAC setup.
+        digest = hashlib.blake2b(
+            presented.encode(errors="surrogatepass"), key=self._cache_secret, digest_size=32
+        ).digest()
+        # A cached digest is this very key, already parsed and verified: its id is known without parsing again.
+        cached_id = self._cached_id(digest)
+        key_id = cached_id if cached_id is not None else parse_key(presented)[0]
         record = await self._store.get_key(key_id)
         if record is None:
             # As costly as a real check, so that timing does not tell which key ids exist.
@@ -136,8 +142,7 @@ class KeyRing:
             raise self._refusal(key_id, "key revoked")
         if record.expires_at is not None and record.expires_at <= self._now():
             raise self._refusal(key_id, "key expired")
-        digest = hmac.digest(self._cache_secret, presented.encode(), "sha256")
-        if not self._cached(digest, key_id):
+        if cached_id is None:
             if not await self._verify_once(digest, record.secret_hash, presented):
                 raise self._refusal(key_id, "invalid key")
             self._remember(digest, key_id)
@@ -171,14 +176,14 @@ class KeyRing:
         _log.debug("refused key %s: %s", key_id, reason)
         return InvalidToken(reason)
 
-    def _cached(self, digest: bytes, key_id: str) -> bool:
+    def _cached_id(self, digest: bytes) -> str | None:
         entry = self._cache.get(digest)
         if entry is None:
-            return False
-        if entry.key_id == key_id and entry.until > self._clock():
-            return True
+            return None
+        if entry.until > self._clock():
+            return entry.key_id
         del self._cache[digest]
-        return False
+        return None
 
     def _remember(self, digest: bytes, key_id: str) -> None:
         self._cache[digest] = _Verified(key_id, self._clock() + self._cache_ttl)
