@@ -59,10 +59,28 @@ def new_event_id(now: float | None = None) -> str:
     """A 26-character id that sorts by time (48-bit milliseconds, then 80 random bits), like a ULID."""
     millis = int((time.time() if now is None else now) * 1000)
     # Ids only need to be unique, not unguessable: the module's generator (reseeded in a forked child) spares a
-    # system call per entry.
-    value = (millis << 80) | random.getrandbits(80)
-    # 26 digits of 5 bits are 130 bits: the 128-bit value after two zero bits.
-    return "".join([_PAIRS[(value >> shift) & 1023] for shift in range(120, -1, -10)])
+    # system call per entry. 26 digits of 5 bits are 130 bits: two zero bits, the milliseconds, the random bits,
+    # written as 13 pairs of digits from two halves small enough for cheap arithmetic.
+    high = (millis << 10) | random.getrandbits(10)  # digits 1-12: zero bits, milliseconds, 10 random bits
+    low = random.getrandbits(70)  # digits 13-26
+    p = _PAIRS
+    return "".join(
+        (
+            p[high >> 50],
+            p[high >> 40 & 1023],
+            p[high >> 30 & 1023],
+            p[high >> 20 & 1023],
+            p[high >> 10 & 1023],
+            p[high & 1023],
+            p[low >> 60],
+            p[low >> 50 & 1023],
+            p[low >> 40 & 1023],
+            p[low >> 30 & 1023],
+            p[low >> 20 & 1023],
+            p[low >> 10 & 1023],
+            p[low & 1023],
+        )
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
