@@ -1,0 +1,65 @@
+"""The SQLite trail's tables: a reviewer's query reads through indexes, and files made earlier still work."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+from mcpguard.audit import AuditQuery, SQLiteAuditStore
+from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, iso_time
+from tests.audit.test_audit_store_conformance import end, start
+
+# The table and indexes as files were first made: a rowid table, and every entry indexed by its start.
+EARLIER_SCHEMA = f"""
+CREATE TABLE audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
+CREATE INDEX audit_by_tenant ON audit_events (tenant, id);
+CREATE INDEX audit_by_start ON audit_events (start_id);
+"""
+
+
+def fill(path: Path, calls: int) -> None:
+    async def run() -> None:
+        store = SQLiteAuditStore(str(path))
+        for _ in range(calls):
+            call = start()
+            await store.append(call, durable=True)
+            await store.append(end(call), durable=False)
+        await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_tenants_calls_are_read_through_indexes_not_a_scan(tmp_path: Path) -> None:
+    """The query for a tenant's calls finds its starts by the tenant index and each end by the start index."""
+    fill(tmp_path / "audit.db", 50)
+    sql, args = calls_sql(AuditQuery(tenant="acme", tool="read", limit=20), Dialect(param="?", time=iso_time))
+    with sqlite3.connect(tmp_path / "audit.db") as conn:
+        plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+        without_rowid = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_events'").fetchone()[0]
+    assert "USING INDEX audit_by_tenant" in plan, plan
+    assert "USING INDEX audit_by_start" in plan, plan
+    assert "SCAN" not in plan, plan
+    assert "WITHOUT ROWID" in without_rowid
+
+
+def test_a_file_made_with_the_earlier_tables_takes_and_answers_calls_alike(tmp_path: Path) -> None:
+    """A trail whose file predates the current tables is kept as it is, appended to and read the same way."""
+    path = tmp_path / "earlier.db"
+    with sqlite3.connect(path) as conn:
+        conn.executescript(EARLIER_SCHEMA)
+    fill(path, 30)
+
+    async def read() -> list[dict[str, object]]:
+        store = SQLiteAuditStore(str(path))
+        page = await store.query(AuditQuery(tenant="acme", limit=100))
+        await store.close()
+        return page.calls
+
+    calls = asyncio.run(read())
+    assert len(calls) == 30
+    assert {call["outcome"] for call in calls} == {"complete"}
+    assert {call["status"] for call in calls} == {200}
+    with sqlite3.connect(path) as conn:
+        table = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_events'").fetchone()[0]
+    assert "WITHOUT ROWID" not in table
