@@ -3,12 +3,15 @@
 Run from the repository root::
 
     python bench/sidecar_vs_direct.py [--seconds 10] [--warmup 2] [--concurrency 1,16,64]
-        [--upstreams demo,echo] [--targets direct,sidecar,nginx] [--rounds 1] [--out results.json]
+        [--upstreams demo,echo] [--targets direct,sidecar,nginx] [--rounds 1] [--pin] [--out results.json]
         [--proxy-cmd "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"]
 
 With ``--rounds N`` every concurrency is measured N times, the targets taking turns within each round,
 and each figure is judged by its median over the rounds (printed with its range): on a noisy machine
-one run can be 20% off either way.
+one run can be 20% off either way. With ``--pin`` (Linux ``taskset``, two CPUs or more) the upstream runs
+alone on CPU 0 and the load generator and the proxy under test share CPU 1, so direct and proxied runs
+give the upstream the same core and the scheduler cannot move the proxy onto it; without it, all three
+share every CPU as they would on one small host.
 
 Load comes from ``wrk`` (``apt-get install -y wrk``): stateless 2026-07-28 ``tools/call echo`` POSTs,
 so no session is needed, at 1 connection (1 thread) and 16 and 64 connections (2 threads), after a
@@ -246,9 +249,19 @@ def write_lua(directory: Path, headers: dict[str, str]) -> Path:
     return script
 
 
-def wrk(lua: Path, url: str, connections: int, seconds: int) -> dict[str, float]:
+# CPUs for --pin: the upstream alone on one, the load generator and the target under test on the other.
+UPSTREAM_CPU = "0"
+LOAD_CPU = "1"
+
+
+def pinned(cmd: list[str], cpu: str | None) -> list[str]:
+    """``cmd`` run on CPU ``cpu`` only (with ``taskset``), or as it is."""
+    return ["taskset", "-c", cpu, *cmd] if cpu is not None else cmd
+
+
+def wrk(lua: Path, url: str, connections: int, seconds: int, cpu: str | None = None) -> dict[str, float]:
     threads = 1 if connections == 1 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"]
+    cmd = pinned(["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "5s"], cpu)
     done = subprocess.run([*cmd, "-s", str(lua), url], capture_output=True, text=True, timeout=seconds + 60)
     for line in done.stdout.splitlines():
         if line.startswith("MCPGUARD_BENCH "):
@@ -260,11 +273,12 @@ def wrk(lua: Path, url: str, connections: int, seconds: int) -> dict[str, float]
 def measure(
     lua: Path, upstream: str, target: Service, upstream_proc: subprocess.Popen[bytes], connections: int, args: Any
 ) -> Run:
+    cpu = LOAD_CPU if args.pin else None
     if args.warmup > 0:
-        wrk(lua, target.url, connections, args.warmup)
+        wrk(lua, target.url, connections, args.warmup, cpu)
     proxy_before = cpu_seconds(target.proc.pid) if target.proc else 0.0
     upstream_before = cpu_seconds(upstream_proc.pid)
-    figures = wrk(lua, target.url, connections, args.seconds)
+    figures = wrk(lua, target.url, connections, args.seconds, cpu)
     proxy_cpu = cpu_seconds(target.proc.pid) - proxy_before if target.proc else None
     upstream_cpu = cpu_seconds(upstream_proc.pid) - upstream_before
     requests = int(figures["requests"])
@@ -346,7 +360,8 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
     try:
         port = free_port()
         log = directory / f"{upstream}-upstream.log"
-        proc = start([sys.executable, *UPSTREAMS[upstream][1], f"127.0.0.1:{port}"], log)
+        upstream_cmd = [sys.executable, *UPSTREAMS[upstream][1], f"127.0.0.1:{port}"]
+        proc = start(pinned(upstream_cmd, UPSTREAM_CPU if args.pin else None), log)
         started.append(proc)
         wait_for_port(port, proc, log)
         up = Service(upstream, f"http://127.0.0.1:{port}/mcp", proc)
@@ -363,7 +378,7 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                     continue
                 conf = nginx_conf(directory, listen, port)
                 cmd = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "nginx-error.log")]
-                target_proc = start(cmd, log)
+                target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
             else:
                 values = {
                     "upstream": up.url,
@@ -375,7 +390,7 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 env = {k: v for k, v in os.environ.items() if k != "MCPGUARD_ARGON2_PROFILE"}
                 env["MCP_RATE_LIMIT_PER_MIN"] = str(args.rate_limit)
                 env.update(pair.split("=", 1) for pair in args.proxy_env)
-                target_proc = start(command(args.proxy_cmd, **values), log, env)
+                target_proc = start(pinned(command(args.proxy_cmd, **values), LOAD_CPU if args.pin else None), log, env)
             started.append(target_proc)
             try:
                 wait_for_port(listen, target_proc, log)
@@ -529,8 +544,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--no-key", action="store_true", help="send no Authorization header")
     parser.add_argument("--state", default=None, help="state URL or path for the proxy (default: a temp file)")
     parser.add_argument("--rounds", type=int, default=1, help="times each concurrency is measured (default 1)")
+    parser.add_argument("--pin", action="store_true", help="upstream alone on CPU 0; load and target on CPU 1")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.pin and (shutil.which("taskset") is None or (os.cpu_count() or 1) < 2):
+        parser.error("--pin needs taskset (util-linux) and at least two CPUs")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -564,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxies = [t for t in args.targets if t != "direct" and (t != "nginx" or shutil.which("nginx"))]
         print(
             f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {args.seconds:g} s per run "
-            f"after {args.warmup:g} s warm-up; CPU columns are ms per call",
+            f"after {args.warmup:g} s warm-up; CPU columns are ms per call"
+            + ("; pinned: upstream on CPU 0, load and target on CPU 1" if args.pin else ""),
             file=out,
         )
         for upstream in args.upstreams:
@@ -606,7 +625,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"note: {note}", file=out)
     if args.out:
         config = {
-            name: getattr(args, name) for name in ("seconds", "warmup", "concurrency", "upstreams", "targets", "rounds")
+            name: getattr(args, name)
+            for name in ("seconds", "warmup", "concurrency", "upstreams", "targets", "rounds", "pin")
         }
         config |= {"proxy_cmd": args.proxy_cmd, "cpus": os.cpu_count()}
         document = {
