@@ -14,7 +14,7 @@ from mcpguard.principal import Principal
 if TYPE_CHECKING:
     from mcpguard.outcome import Outcome
 
-__all__ = ["RequestState", "header", "state_of"]
+__all__ = ["RequestState", "first_values", "header", "state_of"]
 
 SCOPE_KEY = "mcpguard"
 
@@ -58,3 +58,12 @@ def header(scope: Scope, name: bytes) -> str | None:
             text: str = value.decode("latin-1")
             return text
     return None
+
+
+def first_values(scope: Scope, names: frozenset[bytes]) -> dict[bytes, str]:
+    """The first value of each of the (lower-case) headers ``names`` that the request has, in one pass."""
+    found: dict[bytes, str] = {}
+    for key, value in scope["headers"]:
+        if key in names and key not in found:
+            found[key] = value.decode("latin-1")
+    return found

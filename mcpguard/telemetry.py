@@ -30,12 +30,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpguard.audit.events import reason_for
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, first_values, state_of
 from mcpguard.sessions import session_digest
 
 __all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
 
 _INSTRUMENTATION = "mcpguard"
+_SESSION = b"mcp-session-id"
 # The MCP semantic conventions' advised boundaries for mcp.server.operation.duration, in seconds.
 _DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Tool names and request ids are the client's choice: cut so one request cannot bloat every span it makes.
@@ -56,8 +57,9 @@ class Telemetry:
 
 
 def _propagation(textmap: TextMapPropagator) -> tuple[TextMapPropagator, frozenset[bytes]]:
+    """The propagator, and the headers read per request: its fields and ``Mcp-Session-Id``."""
     # ASGI header names are lower case bytes; the propagator names its fields as strings.
-    return textmap, frozenset(field.lower().encode("latin-1") for field in textmap.fields)
+    return textmap, frozenset(field.lower().encode("latin-1") for field in textmap.fields) | {_SESSION}
 
 
 class TelemetryLayer:
@@ -90,13 +92,9 @@ class TelemetryLayer:
         if textmap is not propagate.get_global_textmap():
             # The global propagator is normally set once at startup; follow it if it is replaced later.
             textmap, fields = self._propagation = _propagation(propagate.get_global_textmap())
-        carrier: dict[str, str] = {}
-        session = None
-        for header, value in scope["headers"]:
-            if header in fields:
-                carrier[header.decode("latin-1")] = value.decode("latin-1")
-            elif header == b"mcp-session-id":
-                session = value.decode("latin-1")
+        found = first_values(scope, fields)
+        session = found.pop(_SESSION, None)
+        carrier = {name.decode("latin-1"): value for name, value in found.items()}
         # Without a propagation header, extracting would only cost time: the current context is the parent.
         return (textmap.extract(carrier) if carrier else None), session
 

@@ -250,6 +250,19 @@ def test_session_id_is_the_audit_digest_never_the_id(traced: Traced) -> None:
     assert recorded in {e.session for e in traced.audit.events}
 
 
+def test_span_and_trail_name_the_same_session_when_the_header_repeats(traced: Traced) -> None:
+    """With Mcp-Session-Id sent twice, the span and the audit entry both take the first, as every layer does."""
+    headers = [
+        ("Authorization", f"Bearer {traced.keys['read']}"),
+        ("Mcp-Session-Id", "session-first"),
+        ("Mcp-Session-Id", "session-second"),
+    ]
+    httpx.post(traced.url + "/mcp", json=rpc("ping", "session-twice"), headers=headers)
+    recorded = (traced.call_span("session-twice").attributes or {})["mcp.session.id"]
+    assert recorded == hashlib.sha256(b"session-first").hexdigest()[:32]
+    assert recorded in {e.session for e in traced.audit.events}
+
+
 def test_duration_histogram_and_decisions_counter_are_recorded(traced: Traced) -> None:
     """Each MCP request adds to mcp.server.operation.duration; every decision is counted by outcome and reason."""
     traced.post("read", rpc("tools/call", "metric-1", {"name": "read_tool", "arguments": {}}))

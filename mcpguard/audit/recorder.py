@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
 from mcpguard.audit.query import AuditPage, AuditQuery
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, first_values, state_of
 from mcpguard.sessions import session_digest
 
 __all__ = ["AuditGate", "AuditLayer", "AuditStore"]
@@ -30,6 +30,8 @@ logger = logging.getLogger("mcpguard.audit")
 
 _PRUNE_EVERY = 3600.0
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_SESSION, _USER_AGENT, _TRACE = b"mcp-session-id", b"user-agent", b"traceparent"
+_CLIENT_HEADERS = frozenset({_SESSION, _USER_AGENT, _TRACE})
 
 
 class AuditStore(Protocol):
@@ -189,15 +191,8 @@ class _ClientFacts(NamedTuple):
 
 
 def _client_facts(scope: Scope) -> _ClientFacts:
-    session = user_agent = traceparent = None
-    for name, value in scope["headers"]:
-        # The first of each, as ``header`` would find it.
-        if name == b"mcp-session-id" and session is None:
-            session = value.decode("latin-1")
-        elif name == b"user-agent" and user_agent is None:
-            user_agent = value.decode("latin-1")
-        elif name == b"traceparent" and traceparent is None:
-            traceparent = value.decode("latin-1")
+    found = first_values(scope, _CLIENT_HEADERS)
+    session, user_agent, traceparent = (found.get(name) for name in (_SESSION, _USER_AGENT, _TRACE))
     trace = _TRACEPARENT.fullmatch(traceparent) if traceparent else None
     return _ClientFacts(
         session=session_digest(session) if session else None,
