@@ -72,7 +72,7 @@ def parse_oauth_clients(raw: object, text: bool) -> tuple[OAuthClient, ...]:
     if text and isinstance(raw, str):
         try:
             raw = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
             raise ValueError("not a JSON array of objects") from None
     if not isinstance(raw, list | tuple):
         raise ValueError("expected an array of tables ([[oauth_clients]])")

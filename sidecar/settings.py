@@ -522,7 +522,7 @@ def _table(values: _Convert) -> _Convert:
         if text and isinstance(raw, str):
             try:
                 raw = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
                 raise _Invalid("not a JSON object") from None
         if not isinstance(raw, Mapping):
             raise _Invalid("expected a table" if not text else "expected a JSON object")

@@ -194,6 +194,8 @@ class TestProblems:
             ("MCPGUARD_TOOL_RESPONSE_LIMITS", "[1]", "expected a JSON object"),
             ("MCPGUARD_TOOL_RESPONSE_LIMITS", '{"export": "big"}', "['export']: expected an integer"),
             ("MCPGUARD_UPSTREAM_HEADERS", "{nope", "not a JSON object"),
+            ("MCPGUARD_UPSTREAM_HEADERS", "[" * 5000 + "]" * 5000, "not a JSON object"),
+            ("MCPGUARD_OAUTH_CLIENTS", "[" * 5000 + "]" * 5000, "not a JSON array of objects"),
             ("MCPGUARD_ALLOWED_ORIGINS", "mcp.example.test", "is not '*' or an http(s) origin"),
             ("MCPGUARD_MCP_PATH", "mcp/", "must be '/'-separated segments"),
             ("MCPGUARD_PUBLIC_URL", "https://mcp.example.test/base", "must be an origin only"),
