@@ -39,13 +39,11 @@ _T = TypeVar("_T")
 logger = logging.getLogger("mcpguard.audit")
 # Times are ISO 8601 text in UTC with microseconds, so comparing the text compares the times.
 _DIALECT = Dialect(param="?", time=iso_time)
-# Rows are kept in id order (ids sort by time, so an append lands at the end of the table's one b-tree rather
-# than in a rowid table plus an index of ids), and only ends are indexed by their start: a start's row touches
-# two b-trees, an end's three. Files made before keep their tables and indexes, and read the same.
+# Only ends are indexed by their start (a start has none), so a start's row touches one index fewer. A table
+# WITHOUT ROWID would append in id order, but SQLite advises it only for rows far smaller than these. Files
+# made before keep their index of every entry, and read the same.
 _SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS audit_events (
-    {", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)}
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit_events (tenant, id);
 CREATE INDEX IF NOT EXISTS audit_by_start ON audit_events (start_id) WHERE start_id IS NOT NULL;
 """

@@ -10,7 +10,7 @@ from mcpguard.audit import AuditQuery, SQLiteAuditStore
 from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, iso_time
 from tests.audit.test_audit_store_conformance import end, start
 
-# The table and indexes as files were first made: a rowid table, and every entry indexed by its start.
+# The indexes as files were first made: every entry indexed by its start, starts (which have none) included.
 EARLIER_SCHEMA = f"""
 CREATE TABLE audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
 CREATE INDEX audit_by_tenant ON audit_events (tenant, id);
@@ -36,11 +36,14 @@ def test_a_tenants_calls_are_read_through_indexes_not_a_scan(tmp_path: Path) -> 
     sql, args = calls_sql(AuditQuery(tenant="acme", tool="read", limit=20), Dialect(param="?", time=iso_time))
     with sqlite3.connect(tmp_path / "audit.db") as conn:
         plan = " | ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
-        without_rowid = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_events'").fetchone()[0]
+        indexed = conn.execute("SELECT count(*) FROM audit_events INDEXED BY audit_by_start WHERE start_id > ''")
+        ends_indexed = indexed.fetchone()[0]
+        (index_sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_by_start'").fetchone()
     assert "USING INDEX audit_by_tenant" in plan, plan
     assert "USING INDEX audit_by_start" in plan, plan
     assert "SCAN" not in plan, plan
-    assert "WITHOUT ROWID" in without_rowid
+    assert ends_indexed == 50
+    assert "WHERE start_id IS NOT NULL" in index_sql
 
 
 def test_a_file_made_with_the_earlier_tables_takes_and_answers_calls_alike(tmp_path: Path) -> None:
@@ -61,5 +64,5 @@ def test_a_file_made_with_the_earlier_tables_takes_and_answers_calls_alike(tmp_p
     assert {call["outcome"] for call in calls} == {"complete"}
     assert {call["status"] for call in calls} == {200}
     with sqlite3.connect(path) as conn:
-        table = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_events'").fetchone()[0]
-    assert "WITHOUT ROWID" not in table
+        (index_sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_by_start'").fetchone()
+    assert "WHERE" not in index_sql
