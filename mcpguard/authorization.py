@@ -136,7 +136,8 @@ class _ListingFilter:
         try:
             payload = json.loads(data)
         except RecursionError:
-            # JSON too deep to read may still be the answer, and what we cannot read we cannot filter.
+            # JSON too deep to read may be the answer, and what we cannot read we cannot filter: even an event
+            # that would have been a notification is replaced by the error, as failing closed must.
             return _event(kind, self._unreadable().decode())
         except ValueError:
             return event

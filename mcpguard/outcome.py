@@ -19,8 +19,6 @@ from mcpguard.sse import EventSplitter, event_data
 __all__ = ["Outcome", "decision_for", "observe"]
 
 _SCAN_LIMIT = 1024 * 1024
-# Built once: ``json.loads`` on bytes detects the encoding and may build a decoder on every call.
-_DECODER = json.JSONDecoder()
 _UPSTREAM_FAILURES = frozenset({"bad_gateway", "gateway_timeout"})
 
 
@@ -70,8 +68,9 @@ class Outcome:
 
     def _read(self, data: str | bytes) -> None:
         try:
-            payload = _DECODER.decode(data.decode() if isinstance(data, bytes) else data)
-        except (ValueError, RecursionError):  # not JSON (or not UTF-8), or nested past what Python can parse
+            # json.loads takes bytes as upstreams send them: a byte order mark, UTF-16 or UTF-32 included.
+            payload = json.loads(data)
+        except (ValueError, RecursionError):  # not JSON, or nested past what Python can parse
             return
         if not isinstance(payload, dict) or payload.get("id") != self.rpc_id:
             return

@@ -1,4 +1,4 @@
-"""KeyRing: keys issued once and stored hashed, verified with an HMAC-keyed cache, cut off by revocation."""
+"""KeyRing: keys issued once and stored hashed, verified with a cache under a keyed hash, cut off by revocation."""
 
 from __future__ import annotations
 
