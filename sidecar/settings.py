@@ -561,6 +561,8 @@ def _read_toml(path: str, problems: list[str]) -> dict[str, Any]:
         problems.append(f"{path}: cannot read ({error.strerror})")
     except tomllib.TOMLDecodeError as error:
         problems.append(f"{path}: not valid TOML ({error})")
+    except RecursionError:
+        problems.append(f"{path}: not valid TOML (nested deeper than it can be read)")
     return {}
 
 

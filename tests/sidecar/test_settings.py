@@ -167,6 +167,13 @@ class TestProblems:
         problems = problems_of(config_file=broken, env={"MCPGUARD_LISTEN": "nowhere"}, upstream=UPSTREAM)
         assert [p.split(":")[0] for p in problems] == [broken, "MCPGUARD_LISTEN"]
 
+    def test_toml_nested_too_deep_to_read_is_a_problem(self, tmp_path: Path) -> None:
+        """A file nested past what the TOML parser can go is reported like any malformed file, with the others."""
+        deep = write_toml(tmp_path, "allowed_hosts = " + "[" * 5000 + "]" * 5000 + "\n")
+        problems = problems_of(config_file=deep, env={"MCPGUARD_LISTEN": "nowhere"}, upstream=UPSTREAM)
+        assert [p.split(":")[0] for p in problems] == [deep, "MCPGUARD_LISTEN"]
+        assert "not valid TOML" in problems[0]
+
     def test_wrong_types_in_toml(self, tmp_path: Path) -> None:
         """TOML values must already have the field's type: no strings for numbers, no booleans, no floats for ints."""
         config = write_toml(
