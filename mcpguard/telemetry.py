@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpguard.audit.events import reason_for
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, first_values, state_of
+from mcpguard.request_state import RequestState, state_of
 from mcpguard.sessions import session_digest
 
 __all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
@@ -57,9 +57,8 @@ class Telemetry:
 
 
 def _propagation(textmap: TextMapPropagator) -> tuple[TextMapPropagator, frozenset[bytes]]:
-    """The propagator, and the headers read per request: its fields and ``Mcp-Session-Id``."""
     # ASGI header names are lower case bytes; the propagator names its fields as strings.
-    return textmap, frozenset(field.lower().encode("latin-1") for field in textmap.fields) | {_SESSION}
+    return textmap, frozenset(field.lower().encode("latin-1") for field in textmap.fields)
 
 
 class TelemetryLayer:
@@ -92,9 +91,15 @@ class TelemetryLayer:
         if textmap is not propagate.get_global_textmap():
             # The global propagator is normally set once at startup; follow it if it is replaced later.
             textmap, fields = self._propagation = _propagation(propagate.get_global_textmap())
-        found = first_values(scope, fields)
-        session = found.pop(_SESSION, None)
-        carrier = {name.decode("latin-1"): value for name, value in found.items()}
+        carrier: dict[str, str] = {}
+        session = None
+        for name, value in scope["headers"]:
+            if name in fields:
+                # A repeated field is one comma-separated list (RFC 9110 §5.3), as trace context asks of tracestate.
+                key, text = name.decode("latin-1"), value.decode("latin-1")
+                carrier[key] = f"{carrier[key]},{text}" if key in carrier else text
+            elif name == _SESSION and session is None:
+                session = value.decode("latin-1")  # the first, as every layer reads it
         # Without a propagation header, extracting would only cost time: the current context is the parent.
         return (textmap.extract(carrier) if carrier else None), session
 

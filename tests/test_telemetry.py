@@ -219,6 +219,20 @@ def test_span_joins_the_clients_trace(traced: Traced) -> None:
     assert [e.trace_id for e in traced.audit.events if e.trace_id is not None][-1] == TRACE_ID
 
 
+def test_repeated_tracestate_headers_reach_the_span_as_one_list(traced: Traced) -> None:
+    """Two tracestate headers are one list, as trace context requires: the span's parent carries both."""
+    headers = [
+        ("Authorization", f"Bearer {traced.keys['read']}"),
+        ("traceparent", f"00-{TRACE_ID}-{PARENT_SPAN_ID}-01"),
+        ("tracestate", "alpha=1"),
+        ("tracestate", "beta=2"),
+    ]
+    httpx.post(traced.url + "/mcp", json=rpc("ping", "tracestate-twice"), headers=headers)
+    span = traced.call_span("tracestate-twice")
+    assert span.parent is not None
+    assert dict(span.parent.trace_state.items()) == {"alpha": "1", "beta": "2"}
+
+
 def test_error_code_and_tool_error_become_error_type(traced: Traced) -> None:
     """A JSON-RPC error answer sets error.type to its code, an isError result to tool_error; both reach the audit."""
     traced.post("admin", rpc("missing/method", "rpc-error-1"))
