@@ -10,7 +10,8 @@ With ``--rounds N`` every concurrency is measured N times, the targets taking tu
 and each figure is judged by its median over the rounds (printed with its range): on a noisy machine
 one run can be 20% off either way. With ``--pin`` (Linux ``taskset``, two CPUs or more) the upstream runs
 alone on CPU 0 and the load generator and the proxy under test share CPU 1, so direct and proxied runs
-give the upstream the same core and the scheduler cannot move the proxy onto it; without it, all three
+give the upstream the same core and the scheduler cannot move the proxy onto it (the first two CPUs the
+benchmark may use stand for 0 and 1); without it, all three
 share every CPU as they would on one small host.
 
 Load comes from ``wrk`` (``apt-get install -y wrk``): stateless 2026-07-28 ``tools/call echo`` POSTs,
@@ -249,9 +250,10 @@ def write_lua(directory: Path, headers: dict[str, str]) -> Path:
     return script
 
 
-# CPUs for --pin: the upstream alone on one, the load generator and the target under test on the other.
-UPSTREAM_CPU = "0"
-LOAD_CPU = "1"
+# CPUs for --pin, the first two this process may use: the upstream alone on one, the load generator and the
+# target under test on the other.
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+UPSTREAM_CPU, LOAD_CPU = (str(cpu) for cpu in ALLOWED_CPUS[:2]) if len(ALLOWED_CPUS) >= 2 else ("0", "1")
 
 
 def pinned(cmd: list[str], cpu: str | None) -> list[str]:
@@ -544,11 +546,11 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--no-key", action="store_true", help="send no Authorization header")
     parser.add_argument("--state", default=None, help="state URL or path for the proxy (default: a temp file)")
     parser.add_argument("--rounds", type=int, default=1, help="times each concurrency is measured (default 1)")
-    parser.add_argument("--pin", action="store_true", help="upstream alone on CPU 0; load and target on CPU 1")
+    parser.add_argument("--pin", action="store_true", help="upstream alone on one CPU; load and target on another")
     parser.add_argument("--out", type=Path, default=None, help="also write the results as JSON here")
     args = parser.parse_args(argv)
-    if args.pin and (shutil.which("taskset") is None or (os.cpu_count() or 1) < 2):
-        parser.error("--pin needs taskset (util-linux) and at least two CPUs")
+    if args.pin and (shutil.which("taskset") is None or len(ALLOWED_CPUS) < 2):
+        parser.error("--pin needs taskset (util-linux) and at least two CPUs this process may use")
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -583,7 +585,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; {args.seconds:g} s per run "
             f"after {args.warmup:g} s warm-up; CPU columns are ms per call"
-            + ("; pinned: upstream on CPU 0, load and target on CPU 1" if args.pin else ""),
+            + (f"; pinned: upstream on CPU {UPSTREAM_CPU}, load and target on CPU {LOAD_CPU}" if args.pin else ""),
             file=out,
         )
         for upstream in args.upstreams:
