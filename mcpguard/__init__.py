@@ -35,6 +35,7 @@ from mcpguard.errors import (
     UpstreamUnavailable,
 )
 from mcpguard.guard import MCPGuard, build_guard, rate_limit_factory, stack_names, with_authorization_server
+from mcpguard.json_input import read_json
 from mcpguard.keyring import KeyRing
 from mcpguard.oauth import (
     AccessTokenIssuer,
@@ -145,6 +146,7 @@ __all__ = [
     "parse_query",
     "rate_limit_factory",
     "read_body",
+    "read_json",
     "redirect_uri_allowed",
     "send_json",
     "stack_names",

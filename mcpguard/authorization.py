@@ -9,6 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InsufficientScope
+from mcpguard.json_input import NestedTooDeep, read_json
 from mcpguard.pinning import strip_pinned_argument
 from mcpguard.principal import Principal
 from mcpguard.request_state import RequestState, header, state_of
@@ -134,8 +135,8 @@ class _ListingFilter:
         if data is None:
             return event
         try:
-            payload = json.loads(data)
-        except RecursionError:
+            payload = read_json(data)
+        except NestedTooDeep:
             # JSON too deep to read may be the answer, and what we cannot read we cannot filter: even an event
             # that would have been a notification is replaced by the error, as failing closed must.
             return _event(kind, self._unreadable().decode())
@@ -184,8 +185,8 @@ class _ListingFilter:
     async def _flush_json(self) -> None:
         start = self._start or {"type": "http.response.start", "status": 200, "headers": []}
         try:
-            body = json.dumps(self._filter(json.loads(b"".join(self._buffer))), separators=(",", ":")).encode()
-        except (ValueError, RecursionError):
+            body = json.dumps(self._filter(read_json(b"".join(self._buffer))), separators=(",", ":")).encode()
+        except ValueError:
             # What we cannot read we cannot filter, so it is not passed on.
             body = self._unreadable()
         headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]

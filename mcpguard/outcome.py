@@ -7,12 +7,12 @@ outcome instead of scanning the same bytes again.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from starlette.types import Message, Scope, Send
 
+from mcpguard.json_input import read_json
 from mcpguard.request_state import state_of
 from mcpguard.sse import EventSplitter, event_data
 
@@ -68,9 +68,9 @@ class Outcome:
 
     def _read(self, data: str | bytes) -> None:
         try:
-            # json.loads takes bytes as upstreams send them: a byte order mark, UTF-16 or UTF-32 included.
-            payload = json.loads(data)
-        except (ValueError, RecursionError):  # not JSON, or nested past what Python can parse
+            # Bytes are taken as json.loads takes them: a byte order mark, UTF-16 or UTF-32 included.
+            payload = read_json(data)
+        except ValueError:  # not JSON, or nested past what Python can parse
             return
         if not isinstance(payload, dict) or payload.get("id") != self.rpc_id:
             return

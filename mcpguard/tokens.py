@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import json
 import numbers
 import time
 from collections import OrderedDict
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from jwt.types import Options
 
 from mcpguard.errors import InvalidToken, StorageUnavailable
+from mcpguard.json_input import read_json
 from mcpguard.principal import CredentialKind, Principal
 
 __all__ = ["GrantCheck", "JWTVerifier", "TokenVerifier", "VerificationKeys"]
@@ -272,9 +272,9 @@ def _unverified_kid(token: str) -> str | None:
     # Only the header segment is read: jwt.get_unverified_header would decode and check the whole token,
     # which decode() then does again, and the signature check that follows covers these header bytes.
     try:
-        header = json.loads(jwt.utils.base64url_decode(token.partition(".")[0]))
-    except (ValueError, RecursionError):
-        # RecursionError: a header of a few thousand nested brackets exhausts the JSON decoder.
+        # A header of a few thousand nested brackets is refused like any unreadable one.
+        header = read_json(jwt.utils.base64url_decode(token.partition(".")[0]))
+    except ValueError:
         raise InvalidToken("token malformed") from None
     if not isinstance(header, dict):
         raise InvalidToken("token malformed")

@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 from starlette.types import ASGIApp, Message
 
+from mcpguard.json_input import read_json
 from mcpguard.sse import EventSplitter, event_data
 from mcpguard.tool_catalog import ToolLister
 
@@ -104,9 +105,9 @@ def _responses(content_type: str, body: bytes) -> list[Any]:
         for event in events:
             _, data = event_data(event)
             if data:
-                out.append(json.loads(data))
+                out.append(read_json(data))
         return out
-    return [json.loads(body)] if body else []
+    return [read_json(body)] if body else []
 
 
 def _result(responses: list[Any], request_id: int) -> Mapping[str, Any]:
@@ -130,7 +131,7 @@ def tool_lister(exchange: Exchange) -> ToolLister:
             raise ListingError(f"{method} answered HTTP {status}")
         try:
             return resp_headers, _result(_responses(resp_headers.get("content-type", ""), body), rid)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
+        except ValueError:
             raise ListingError(f"{method} answer is not JSON") from None
 
     async def paginate(headers: dict[str, str], meta: dict[str, Any] | None) -> list[Mapping[str, Any]]:

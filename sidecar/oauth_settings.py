@@ -8,7 +8,6 @@ starts; the settings name the variables, and no problem ever quotes a value read
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields
@@ -23,6 +22,7 @@ from mcpguard import (
     PreregisteredClient,
     SharedSecret,
     SigningKeys,
+    read_json,
     redirect_uri_allowed,
 )
 
@@ -71,8 +71,8 @@ def parse_oauth_clients(raw: object, text: bool) -> tuple[OAuthClient, ...]:
     """An array of ``[[oauth_clients]]`` tables (a JSON array when ``text``) as clients; ``ValueError`` if malformed."""
     if text and isinstance(raw, str):
         try:
-            raw = json.loads(raw)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
+            raw = read_json(raw)
+        except ValueError:
             raise ValueError("not a JSON array of objects") from None
     if not isinstance(raw, list | tuple):
         raise ValueError("expected an array of tables ([[oauth_clients]])")

@@ -6,7 +6,6 @@ by where its value came from (a flag, an environment variable or a key of the fi
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shlex
@@ -19,7 +18,18 @@ from urllib.parse import urlsplit
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mcpguard import ADMIN, AUDIT, READ, WRITE, ConfigError, GuardConfig, OAuthSettings, SharedSecret, SigningKeys
+from mcpguard import (
+    ADMIN,
+    AUDIT,
+    READ,
+    WRITE,
+    ConfigError,
+    GuardConfig,
+    OAuthSettings,
+    SharedSecret,
+    SigningKeys,
+    read_json,
+)
 from sidecar.oauth_settings import (
     DEFAULT_JWT_SECRET_ENV,
     OAuthClient,
@@ -521,8 +531,8 @@ def _table(values: _Convert) -> _Convert:
     def convert(raw: object, text: bool) -> object:
         if text and isinstance(raw, str):
             try:
-                raw = json.loads(raw)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
+                raw = read_json(raw)
+            except ValueError:
                 raise _Invalid("not a JSON object") from None
         if not isinstance(raw, Mapping):
             raise _Invalid("expected a table" if not text else "expected a JSON object")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcpguard import UpstreamUnavailable
+from mcpguard import UpstreamUnavailable, read_json
 
 __all__ = ["Channel", "ChannelItem", "Failure", "Message", "Session", "StdioSessions", "StdioSettings"]
 
@@ -281,8 +281,8 @@ class StdioSessions:
 
     def _route(self, session: Session, line: bytes) -> None:
         try:
-            message = json.loads(line)
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
+            message = read_json(line)
+        except ValueError:
             logger.warning("the upstream MCP server wrote a line that is not JSON; ignored")
             return
         if not isinstance(message, dict):

@@ -6,7 +6,6 @@ else on. Its requests are audited like any other, under the grant's tenant once 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import parse_qsl
@@ -14,6 +13,7 @@ from urllib.parse import parse_qsl
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard.errors import MethodNotAllowed, OAuthError
+from mcpguard.json_input import read_json
 from mcpguard.oauth.authorize import CSRF_COOKIE, AuthorizationRequest, Authorizer, Page, Redirect
 from mcpguard.oauth.clients import ClientRegistry
 from mcpguard.oauth.consent_page import PAGE_HEADERS
@@ -171,8 +171,8 @@ class AuthorizationServer:
         # Anyone may register, so registrations count against the per-address limit: no unbounded growth.
         await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
         try:
-            metadata = json.loads(await read_body(scope, receive, _MAX_FORM_BYTES))
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser can go
+            metadata = read_json(await read_body(scope, receive, _MAX_FORM_BYTES))
+        except ValueError:
             raise OAuthError("invalid_client_metadata", "the body must be a JSON object") from None
         registered = await self._clients.register(metadata)
         await send_json(send, 201, registered, extra_headers=_CORS[:1])
