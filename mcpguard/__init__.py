@@ -55,6 +55,7 @@ from mcpguard.request_state import RequestState, state_of
 from mcpguard.responses import send_json
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE, ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings
+from mcpguard.sse import event_bytes
 from mcpguard.stores import open_store
 from mcpguard.stores.base import GrantRecord, GrantStore, KeyRecord, KeyStore, Store, UserRecord, UserStore
 from mcpguard.telemetry import Telemetry, TelemetryLayer, configure_telemetry
@@ -139,6 +140,7 @@ __all__ = [
     "client_ip",
     "configure_telemetry",
     "current_principal",
+    "event_bytes",
     "new_event_id",
     "open_audit_store",
     "open_limiter_storage",

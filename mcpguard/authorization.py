@@ -14,7 +14,7 @@ from mcpguard.pinning import strip_pinned_argument
 from mcpguard.principal import Principal
 from mcpguard.request_state import RequestState, header, state_of
 from mcpguard.scopes import READ, ScopePolicy
-from mcpguard.sse import EventSplitter, event_data
+from mcpguard.sse import EventSplitter, event_bytes, event_data
 from mcpguard.tool_catalog import ToolCatalog
 
 __all__ = ["ScopeLayer"]
@@ -81,13 +81,6 @@ class ScopeLayer:
         return watched
 
 
-def _event(kind: str | None, data: str) -> bytes:
-    """One SSE event of type ``kind`` (none: the default) carrying ``data``, a single line of JSON."""
-    lines = [f"event: {kind}"] if kind else []
-    lines.append("data: " + data)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
 class _ListingFilter:
     """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
 
@@ -139,12 +132,12 @@ class _ListingFilter:
         except NestedTooDeep:
             # JSON too deep to read may be the answer, and what we cannot read we cannot filter: even an event
             # that would have been a notification is replaced by the error, as failing closed must.
-            return _event(kind, self._unreadable().decode())
+            return event_bytes(kind, self._unreadable())
         except ValueError:
             return event
         if not (isinstance(payload, dict) and payload.get("id") == self._id):
             return event
-        return _event(kind, json.dumps(self._filter(payload), separators=(",", ":")))
+        return event_bytes(kind, json.dumps(self._filter(payload), separators=(",", ":")).encode())
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":

@@ -1,10 +1,11 @@
-"""Incremental splitting of a ``text/event-stream`` body into whole events, bytes kept as they came."""
+"""Incremental splitting of a ``text/event-stream`` body into whole events, bytes kept as they came, and
+writing one."""
 
 from __future__ import annotations
 
 import re
 
-__all__ = ["EventSplitter", "event_data"]
+__all__ = ["EventSplitter", "event_bytes", "event_data"]
 
 # SSE lines end in CRLF, LF or CR, mixed freely; an empty line ends an event.
 _LINE = re.compile(rb"\r\n|\n|\r")
@@ -70,3 +71,9 @@ def event_data(event: bytes) -> tuple[str | None, str | None]:
         elif name == "data":
             data.append(value)
     return kind, ("\n".join(data) if data else None)
+
+
+def event_bytes(kind: str | None, data: bytes) -> bytes:
+    """One event of type ``kind`` (``None``: the default type) whose data is ``data``, a single line."""
+    head = b"event: " + kind.encode() + b"\r\n" if kind else b""
+    return head + b"data: " + data + b"\r\n\r\n"

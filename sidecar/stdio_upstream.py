@@ -21,6 +21,7 @@ from mcpguard import (
     UpstreamTimeout,
     UpstreamUnavailable,
     asgi_exchange,
+    event_bytes,
     read_body,
     send_json,
     state_of,
@@ -203,12 +204,18 @@ class StdioUpstream:
                 return
             await send({"type": "http.response.start", "status": 200, "headers": _sse_headers(session.id)})
             while isinstance(item := await self._next(session, rid, channel), Message):
-                await send({"type": "http.response.body", "body": _event(item.data), "more_body": not item.final})
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": event_bytes("message", item.data),
+                        "more_body": not item.final,
+                    }
+                )
                 if item.final:
                     return
             if isinstance(item, Failure):
                 data = json.dumps(_failure_body(rid, item), separators=(",", ":")).encode()
-                await send({"type": "http.response.body", "body": _event(data), "more_body": False})
+                await send({"type": "http.response.body", "body": event_bytes("message", data), "more_body": False})
 
     @contextlib.asynccontextmanager
     async def _sent(
@@ -235,7 +242,9 @@ class StdioUpstream:
             with self._sessions.in_use(session):
                 await send({"type": "http.response.start", "status": 200, "headers": _sse_headers(session.id)})
                 while isinstance(item := await channel.queue.get(), Message):
-                    await send({"type": "http.response.body", "body": _event(item.data), "more_body": True})
+                    await send(
+                        {"type": "http.response.body", "body": event_bytes("message", item.data), "more_body": True}
+                    )
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             watcher.cancel()
@@ -271,10 +280,6 @@ async def _watch_disconnect(receive: Receive, channel: Channel) -> None:
     channel.queue.put_nowait(None)
 
 
-def _event(data: bytes) -> bytes:
-    return b"event: message\r\ndata: " + data + b"\r\n\r\n"
-
-
 def _sse_headers(session_id: str) -> list[tuple[bytes, bytes]]:
     return [
         (b"content-type", b"text/event-stream"),
@@ -285,7 +290,7 @@ def _sse_headers(session_id: str) -> list[tuple[bytes, bytes]]:
 
 async def _answer(send: Send, status: int, message: bytes, session_id: str | None, *, sse: bool = False) -> None:
     """A complete answer: one message (as JSON, or as a one-event stream) or, for ``b""``, no body."""
-    body = _event(message) if sse and message else message
+    body = event_bytes("message", message) if sse and message else message
     headers = [(b"content-length", str(len(body)).encode())]
     if message:
         headers.append((b"content-type", b"text/event-stream" if sse else b"application/json"))
