@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -11,7 +11,7 @@ from mcpguard.principal import Principal
 from mcpguard.ratelimit import FailedAuthLimiter, client_ip
 from mcpguard.request_state import state_of
 
-__all__ = ["AuthenticationLayer", "CredentialVerifier"]
+__all__ = ["AuthenticationLayer", "CredentialVerifier", "RememberingVerifier"]
 
 _KEY_PREFIX = "mk_"
 
@@ -21,6 +21,15 @@ class CredentialVerifier(Protocol):
 
     async def verify(self, token: str, /) -> Principal:
         """The principal the credential proves."""
+        ...
+
+
+@runtime_checkable
+class RememberingVerifier(CredentialVerifier, Protocol):
+    """A verifier that can tell, cheaply, that a credential is one it verified a short while ago."""
+
+    def remembers(self, token: str, /) -> bool:
+        """Whether verifying ``token`` again would repeat a recent success (and run nothing costly)."""
         ...
 
 
@@ -70,17 +79,23 @@ class AuthenticationLayer:
         self._api_key_header = api_key_header.lower().encode() if api_key_header else None
         self._failed_auth = failed_auth
         self._trusted_proxies = trusted_proxies
+        # Looked up once: a structural isinstance check costs more than the limit check it would save.
+        self._remembers = {
+            id(verifier): verifier.remembers for verifier in (keys, tokens) if isinstance(verifier, RememberingVerifier)
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         credential = _presented(scope, self._api_key_header)
         if credential is None:
             raise AuthenticationRequired("authentication required")
         ip = client_ip(scope, self._trusted_proxies)
-        if self._failed_auth is not None:
-            # Before any verification: an address guessing keys costs no argon2 once over its limit.
+        verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
+        remembers = self._remembers.get(id(verifier))
+        if self._failed_auth is not None and not (remembers is not None and remembers(credential)):
+            # Before any verification: an address guessing keys costs no argon2 once over its limit. A key this
+            # guard verified a moment ago is no guess (only that exact key matches) and costs no argon2 either.
             await self._failed_auth.check(ip)
         try:
-            verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
             if verifier is None:
                 raise InvalidToken("this kind of credential is not accepted here")
             state_of(scope).principal = await verifier.verify(credential)

@@ -124,12 +124,23 @@ class KeyRing:
         _log.info("created key %s for tenant %s with scopes %s", key_id, tenant, " ".join(granted))
         return key, record
 
-    async def verify(self, presented: str) -> Principal:
-        """The principal ``presented`` proves, or ``InvalidToken``; a store failure propagates (fail closed)."""
+    def _digest(self, presented: str) -> bytes:
         # BLAKE2b with a key is a MAC of its own, and cheaper per call than OpenSSL's HMAC setup.
-        digest = hashlib.blake2b(
+        return hashlib.blake2b(
             presented.encode(errors="surrogatepass"), key=self._cache_secret, digest_size=32
         ).digest()
+
+    def remembers(self, presented: str) -> bool:
+        """Whether ``presented`` is this very key verified a short while ago, so checking it again runs no argon2.
+
+        Only the exact key string matches: a guess never does, however close. The record is still read and
+        checked by ``verify``.
+        """
+        return self._cached_id(self._digest(presented)) is not None
+
+    async def verify(self, presented: str) -> Principal:
+        """The principal ``presented`` proves, or ``InvalidToken``; a store failure propagates (fail closed)."""
+        digest = self._digest(presented)
         # A cached digest is this very key, already parsed and verified: its id is known without parsing again.
         cached_id = self._cached_id(digest)
         key_id = cached_id if cached_id is not None else parse_key(presented)[0]

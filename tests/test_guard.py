@@ -33,6 +33,7 @@ from mcpguard import (
 from mcpguard.audit import SQLiteAuditStore
 from mcpguard.keys import generate_key
 from tests.conftest import free_port, read_body, serve
+from tests.test_keys import checksummed
 
 TOOLS: list[Mapping[str, Any]] = [
     {"name": "read_tool", "annotations": {"readOnlyHint": True}},
@@ -543,9 +544,9 @@ def test_loopback_names_are_one_host(guarded: Guarded) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.threat("T-KEY-GUESS")
-def test_key_guessing_address_is_refused_before_verification() -> None:
-    """After its failed attempts an address gets 429 even with a valid key; another address is unaffected."""
+def failed_auth_guard() -> tuple[MCPGuard, str, int]:
+    """A guard behind a trusted proxy at 127.0.0.1 allowing 3 failed authentications a minute, a valid key of
+    tenant acme, and the port to serve it on."""
     store = open_store("memory://")
     hasher = argon2.PasswordHasher.from_parameters(argon2.profiles.CHEAPEST)
     key, _ = asyncio.run(KeyRing(store=store, hasher=hasher).create(tenant="acme"))
@@ -558,6 +559,13 @@ def test_key_guessing_address_is_refused_before_verification() -> None:
         tool_lister=list_tools,
         failed_auth_limit="3/minute",
     )
+    return guard, key, port
+
+
+@pytest.mark.threat("T-KEY-GUESS")
+def test_key_guessing_address_is_refused_before_verification() -> None:
+    """After its failed attempts an address gets 429 even with a valid key; another address is unaffected."""
+    guard, key, port = failed_auth_guard()
     _, wrong = generate_key()
     with serve(guard, port) as url:
 
@@ -572,3 +580,25 @@ def test_key_guessing_address_is_refused_before_verification() -> None:
     assert 1 <= int(blocked.headers["retry-after"]) <= 60
     assert blocked.json()["error"]["data"]["error"] == "rate_limited"
     assert other.status_code == 200
+
+
+@pytest.mark.threat("T-KEY-GUESS")
+def test_blocked_address_keeps_a_key_it_just_used_but_no_guess_at_it() -> None:
+    """A key verified a moment ago still works from an address over its failed-authentication limit (it costs
+    no argon2 and is no guess), while a forged secret for that same key id is refused before verification."""
+    guard, key, port = failed_auth_guard()
+    forged = checksummed(key[:16] + ("B" if key[16] != "B" else "C") + key[17:-6])
+    _, wrong = generate_key()
+    with serve(guard, port) as url:
+
+        def ping(credential: str) -> httpx.Response:
+            headers = {"Authorization": f"Bearer {credential}", "X-Forwarded-For": "203.0.113.7"}
+            return httpx.post(url + "/mcp", json=rpc("ping"), headers=headers)
+
+        assert ping(key).status_code == 200
+        assert [ping(wrong).status_code for _ in range(3)] == [401, 401, 401]
+        kept = ping(key)
+        guess = ping(forged)
+    assert kept.status_code == 200
+    assert guess.status_code == 429
+    assert guess.json()["error"]["data"]["error"] == "rate_limited"

@@ -247,6 +247,21 @@ class TestVerify:
             rig.verify(with_secret(key, "B" * 43))
         assert rig.hasher.verifies == 2
 
+    @pytest.mark.threat("T-KEY-GUESS")
+    def test_remembers_only_the_exact_key_verified_and_only_while_cached(self, rig: Rig) -> None:
+        """``remembers`` is true for a key verified within the TTL; never for a forged secret of its id, an
+        unverified key, or the key once its cache entry has expired."""
+        key, _ = rig.create()
+        other, _ = rig.create()
+        assert not rig.ring.remembers(key)
+        rig.verify(key)
+        assert rig.ring.remembers(key)
+        assert not rig.ring.remembers(with_secret(key, "B" * 43))
+        assert not rig.ring.remembers(other)
+        assert not rig.ring.remembers(key + "x")
+        rig.clock.value += 301
+        assert not rig.ring.remembers(key)
+
     def test_cache_is_bounded(self) -> None:
         """Past its size the cache drops its oldest entry, whose key then needs argon2 again."""
         rig = make_rig(cache_size=3)
