@@ -17,7 +17,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -53,7 +53,7 @@ CSV_FILENAME = "mcp-tool-calls.csv"
 EXPORT_CAP = 100_000
 # The fields of a call as the stores read it back: its start's fields (the entry bookkeeping aside),
 # overlaid with its outcome, and whether that outcome was recorded. Also the CSV header row.
-CALL_FIELDS = (*(f.name for f in fields(AuditEvent) if f.name not in ("phase", "start_id")), "outcome")
+CALL_FIELDS = (*(name for name in AuditEvent._fields if name not in ("phase", "start_id")), "outcome")
 
 # Offered media types, preferred in this order when the client likes several equally.
 _OFFERS = (JSON, NDJSON, CSV)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["AuditEvent", "Decision", "Phase", "new_event_id", "reason_for"]
 
@@ -83,9 +82,12 @@ def new_event_id(now: float | None = None) -> str:
     )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AuditEvent:
-    """One entry of the audit trail; there is deliberately nowhere to put arguments or results."""
+class AuditEvent(NamedTuple):
+    """One entry of the audit trail; there is deliberately nowhere to put arguments or results.
+
+    Immutable, and a tuple in column order: two are made for every forwarded call, and a tuple is made in
+    a third of the time a frozen dataclass takes.
+    """
 
     id: str
     at: datetime

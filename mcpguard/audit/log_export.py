@@ -8,7 +8,6 @@ and a failing export never fails or slows the append (the SDK's batch processor 
 from __future__ import annotations
 
 import logging
-from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry import trace
@@ -28,7 +27,7 @@ AUDIT_EVENT_NAME = "mcpguard.audit"
 _ATTRIBUTE_PREFIX = "mcpguard.audit."
 _INSTRUMENTATION = "mcpguard"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_FIELDS = tuple(f.name for f in fields(AuditEvent))
+_FIELDS = AuditEvent._fields
 
 
 class ExportingAuditStore:

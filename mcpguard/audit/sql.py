@@ -7,9 +7,8 @@ keeps the trail; a ``Dialect`` says only how a database spells a bound parameter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import attrgetter
 from typing import Any
 
 from mcpguard.audit.events import AuditEvent
@@ -17,11 +16,10 @@ from mcpguard.audit.query import AuditPage, AuditQuery, encode_cursor
 
 __all__ = ["COLUMNS", "Dialect", "calls_sql", "delete_sql", "insert_sql", "iso_time", "page_of", "row_of"]
 
-COLUMNS = tuple(f.name for f in fields(AuditEvent))
+COLUMNS = AuditEvent._fields
 # Outcome columns of an end entry that overlay its start when a call is read back.
 _OUTCOME = ("status", "rpc_error", "tool_error", "decision", "reason", "duration_ms", "bytes_in", "bytes_out")
 _AT = COLUMNS.index("at")
-_VALUES = attrgetter(*COLUMNS)
 
 
 def _utc(at: datetime) -> datetime:
@@ -50,7 +48,7 @@ def insert_sql(dialect: Dialect) -> str:
 
 def row_of(event: AuditEvent, dialect: Dialect) -> tuple[Any, ...]:
     """The values ``insert_sql`` binds for ``event``."""
-    values = list(_VALUES(event))
+    values: list[Any] = list(event)  # an event is a tuple in column order
     values[_AT] = dialect.time(_utc(event.at))
     return tuple(values)
 

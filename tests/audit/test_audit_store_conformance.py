@@ -14,7 +14,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -245,7 +245,7 @@ class TestAuditStoreConformance:
             user_agent="agent/1.0",
         )
         # Given in another zone, read back in UTC.
-        began = replace(began, at=T0.astimezone(timezone(timedelta(hours=2))))
+        began = began._replace(at=T0.astimezone(timezone(timedelta(hours=2))))
         ended = end(began, rpc_error=-32001, tool_error=True, duration_ms=12.5, bytes_in=120, bytes_out=4096)
         expected = {
             "id": began.id,
@@ -285,7 +285,7 @@ class TestAuditStoreConformance:
         """A start without an end reads back as no_outcome; an entry the guard answered itself as local."""
         forwarded = start()
         local = entry("local", minutes=1, rpc_method="tools/call", tool="drop", status=403, decision="denied")
-        local = replace(local, reason="scope", tool_error=False, duration_ms=0.5)
+        local = local._replace(reason="scope", tool_error=False, duration_ms=0.5)
 
         async def body(store: AuditStore) -> None:
             await append_all(store, forwarded, local)
@@ -305,9 +305,9 @@ class TestAuditStoreConformance:
         c1 = start(minutes=1, subject="alice", credential_id="k1")
         c2 = start(minutes=2, tool="write", subject="bob", credential_id="k2")
         c3 = entry("local", minutes=3, rpc_method="tools/call", tool="write", subject="bob", status=403)
-        c3 = replace(c3, decision="denied", credential_id="k2")
+        c3 = c3._replace(decision="denied", credential_id="k2")
         c4 = entry("local", minutes=4, rpc_method="tools/list", subject="alice", credential_id="k1", status=200)
-        c4 = replace(c4, decision="allowed")
+        c4 = c4._replace(decision="allowed")
         c5 = start(minutes=5)
 
         async def body(store: AuditStore) -> None:
@@ -637,7 +637,7 @@ class TestPostgres:
     @pytest.mark.threat("T-AUDIT-GAP")
     def test_nul_in_a_client_value_is_recorded_replaced(self, schema: str) -> None:
         """A NUL a client put in a path or tool name (PostgreSQL text cannot hold it) is kept as U+FFFD and findable."""
-        sneaky = replace(start(tool="read\x00drop"), path="/mcp\x00")
+        sneaky = start(tool="read\x00drop")._replace(path="/mcp\x00")
 
         async def body() -> None:
             store = PostgresAuditStore(pg_url(schema=schema))
