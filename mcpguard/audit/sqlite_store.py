@@ -159,13 +159,15 @@ class SQLiteAuditStore:
             self._flush_loop = loop
             loop.call_soon(self._flush)
         elif self._lazy is None or self._lazy_loop is not loop:
-            self._lazy, self._lazy_loop = loop.call_later(_LAZY_SECONDS, self._flush), loop
+            self._lazy, self._lazy_loop = loop.call_later(_LAZY_SECONDS, self._lazy_flush), loop
+
+    def _lazy_flush(self) -> None:
+        # Left running when an urgent flush takes its entries along: at most one timer per interval, not per call.
+        self._lazy = None
+        self._flush()
 
     def _flush(self) -> None:
         self._flush_loop = None
-        if self._lazy is not None:
-            self._lazy.cancel()
-            self._lazy = None
         with self._lock:
             if self._committing or not self._pending:
                 return
