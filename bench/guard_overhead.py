@@ -13,7 +13,6 @@ import statistics
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +176,7 @@ async def audit_throughput(calls: int, concurrency: int = 64) -> None:
 
         async def worker() -> None:
             for _ in range(per_worker):
-                await store.append(replace(event, id=new_event_id()), durable=True)
+                await store.append(event._replace(id=new_event_id()), durable=True)
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -185,7 +184,7 @@ async def audit_throughput(calls: int, concurrency: int = 64) -> None:
         total = per_worker * concurrency
         single_start = time.perf_counter()
         for _ in range(200):
-            await store.append(replace(event, id=new_event_id()), durable=True)
+            await store.append(event._replace(id=new_event_id()), durable=True)
         single = (time.perf_counter() - single_start) / 200
         await store.close()
     print(
