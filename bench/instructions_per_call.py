@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -31,7 +30,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.sidecar_vs_direct import BODY, HEADERS, free_port, start, stop, wait_for_port  # noqa: E402
+from bench.sidecar_vs_direct import (  # noqa: E402
+    BODY,
+    DEFAULT_KEY_CMD,
+    HEADERS,
+    free_port,
+    make_key,
+    start,
+    stop,
+    wait_for_port,
+)
 
 
 def calls(port: int, headers: dict[str, str], count: int) -> None:
@@ -111,28 +119,8 @@ def main() -> None:
             wait_for_port(upstream_port, upstream, upstream_log)
             url = f"http://127.0.0.1:{upstream_port}/mcp"
             state = str(directory / "state.db")
-            made = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "sidecar.cli",
-                    "keys",
-                    "create",
-                    "--tenant",
-                    "bench",
-                    "--scopes",
-                    "mcp:read",
-                    "--state",
-                    state,
-                    "--json",
-                ],
-                cwd=REPO,
-                env=env,
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            key = json.loads(made.stdout)["key"]
+            # The key as the timing benchmark makes it: its default command, the production argon2 profile.
+            key = make_key(argparse.Namespace(no_key=False, key=None, key_cmd=DEFAULT_KEY_CMD), state)
             targets = {
                 "bare": ["-m", "bench.bare_proxy", "--upstream", url, "--listen", "127.0.0.1:{port}"],
                 "sidecar": [

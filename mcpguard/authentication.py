@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -58,6 +59,10 @@ def _presented(scope: Scope, api_key_header: bytes | None) -> str | None:
     return credential
 
 
+def _remembers_of(verifier: CredentialVerifier | None) -> Callable[[str], bool] | None:
+    return verifier.remembers if isinstance(verifier, RememberingVerifier) else None
+
+
 class AuthenticationLayer:
     """Requires a verified credential on every guarded request (401 with a followable challenge if not)."""
 
@@ -74,23 +79,20 @@ class AuthenticationLayer:
         trusted_proxies: frozenset[str] = frozenset(),
     ) -> None:
         self.app = app
-        self._keys = keys
-        self._tokens = tokens
         self._api_key_header = api_key_header.lower().encode() if api_key_header else None
         self._failed_auth = failed_auth
         self._trusted_proxies = trusted_proxies
-        # Looked up once: a structural isinstance check costs more than the limit check it would save.
-        self._remembers = {
-            id(verifier): verifier.remembers for verifier in (keys, tokens) if isinstance(verifier, RememberingVerifier)
-        }
+        # Each verifier with its ``remembers``, looked up once: a structural isinstance check costs more than the
+        # limit check it would save.
+        self._for_keys = (keys, _remembers_of(keys))
+        self._for_tokens = (tokens, _remembers_of(tokens))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         credential = _presented(scope, self._api_key_header)
         if credential is None:
             raise AuthenticationRequired("authentication required")
         ip = client_ip(scope, self._trusted_proxies)
-        verifier = self._keys if credential.startswith(_KEY_PREFIX) else self._tokens
-        remembers = self._remembers.get(id(verifier))
+        verifier, remembers = self._for_keys if credential.startswith(_KEY_PREFIX) else self._for_tokens
         if self._failed_auth is not None and not (remembers is not None and remembers(credential)):
             # Before any verification: an address guessing keys costs no argon2 once over its limit. A key this
             # guard verified a moment ago is no guess (only that exact key matches) and costs no argon2 either.
