@@ -38,6 +38,7 @@ __all__ = ["add_sidecar_command", "serve_until_stopped", "sidecar_from_settings"
 
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 _SERVICE_NAME = "mcpguard"
+_YOUNG_GENERATION_THRESHOLD = 10_000
 
 
 def sidecar_from_settings(
@@ -147,6 +148,9 @@ async def serve_until_stopped(server: uvicorn.Server) -> None:
     # stalled every request for tens of milliseconds at a time under load. Garbage goes first, or it would stay.
     gc.collect()
     gc.freeze()
+    # A call leaves no reference cycles (the proxy tests check), so the young generation only holds calls in
+    # flight: collecting it every 700 allocations, the default, cost a loaded sidecar about 2% of its time.
+    gc.set_threshold(_YOUNG_GENERATION_THRESHOLD, *gc.get_threshold()[1:])
     try:
         await server.serve()
     finally:
