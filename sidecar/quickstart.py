@@ -14,6 +14,7 @@ from typing import TypeAlias
 import uvicorn
 
 from mcpguard import KeyRing, open_store
+from sidecar.coalescing import CoalescingHttpToolsProtocol
 from sidecar.hashing import hasher_from_env
 from sidecar.serve import serve_until_stopped, sidecar_from_settings
 from sidecar.settings import load_settings
@@ -126,7 +127,7 @@ async def _run(args: argparse.Namespace) -> int:
                 app,
                 host=settings.listen_host,
                 port=settings.listen_port,
-                http="httptools",
+                http=CoalescingHttpToolsProtocol,
                 access_log=False,
                 log_level="warning",
                 timeout_graceful_shutdown=5,

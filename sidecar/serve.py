@@ -29,6 +29,7 @@ from mcpguard import (
     open_store,
 )
 from sidecar.app import Closer, SidecarApp, build_sidecar, build_stdio_sidecar
+from sidecar.coalescing import CoalescingHttpToolsProtocol
 from sidecar.hashing import hasher_from_env
 from sidecar.proxy import ProxySettings
 from sidecar.settings import SidecarSettings, load_settings
@@ -172,7 +173,7 @@ async def _run(args: argparse.Namespace) -> int:
         app,
         host=settings.listen_host,
         port=settings.listen_port,
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,
         lifespan="on",
         access_log=False,
         proxy_headers=False,
