@@ -8,9 +8,11 @@ pass saved at most about 12 microseconds a call, and held every call back for a 
 milliseconds, away from its upstream.) A commit in WAL mode with ``synchronous=NORMAL`` writes the log
 without syncing it (tens of microseconds) and survives the process being killed; syncing happens at
 checkpoints, which copy the log into the database (milliseconds, longer on a busy disk). Those run on a
-thread of their own, about every thousand pages, with commits held back meanwhile so the checkpoint
-catches up and the log starts over short; the event loop never waits for a disk sync, and calls wait
-only for their start's commit. With ``synchronous=FULL`` every commit syncs, so commits move to a worker
+thread of their own, about every thousand pages: the bulk of the log is copied while commits go on, then
+commits are held back while the few pages they added meanwhile are copied, so the log is wholly copied and
+starts over short (holding commits for the whole copy stalled every new call for its length, 6 ms every
+quarter of a second under load). The event loop never waits for a disk sync, and calls wait only for
+their start's commit. With ``synchronous=FULL`` every commit syncs, so commits move to a worker
 thread and appends arriving meanwhile share the next one. A call's start is awaited until committed,
 before the call is forwarded; its end is queued without waiting. Only retention deletes rows.
 """
@@ -26,7 +28,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
 from mcpguard.audit.events import AuditEvent
@@ -134,6 +136,8 @@ class SQLiteAuditStore:
         self._checkpointer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcpguard-audit-checkpoint")
         self._checkpoint_conn: sqlite3.Connection | None = None
         self._checkpointing: Future[None] | None = None
+        # None, or how far the checkpoint under way has got: copying the bulk, or the rest with commits held.
+        self._checkpoint_phase: Literal["bulk", "final"] | None = None
         self._unchecked_commits = 0
         self._unchecked_rows = 0
         self._closed = False
@@ -181,7 +185,10 @@ class SQLiteAuditStore:
             if self._checkpoints and error is None:
                 self._unchecked_commits += 1
                 self._unchecked_rows += len(rows)
-                if self._unchecked_commits >= _CHECKPOINT_COMMITS or self._unchecked_rows >= _CHECKPOINT_ROWS:
+                due = self._unchecked_commits >= _CHECKPOINT_COMMITS or self._unchecked_rows >= _CHECKPOINT_ROWS
+                if self._checkpoint_phase == "bulk":
+                    self._finish_checkpoint(asyncio.get_running_loop())
+                elif due and self._checkpoint_phase is None:
                     self._start_checkpoint(asyncio.get_running_loop())
             return
         self._committing = True
@@ -197,14 +204,36 @@ class SQLiteAuditStore:
         done.add_done_callback(committed)
 
     def _start_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Commits wait (entries queue up, the loop runs on), so the checkpoint can copy the whole log.
-        self._committing = True
+        # The bulk of the log is copied while commits go on; then commits wait (entries queue up, the loop runs
+        # on) while the few pages they added meanwhile are copied too: only a wholly copied log starts over, and
+        # a start waits for that short copy, not for the whole one.
+        self._checkpoint_phase = "bulk"
         self._unchecked_commits = self._unchecked_rows = 0
+        self._checkpointing = self._checkpointer.submit(self._checkpoint)
+
+        def bulk_copied(_: Future[None]) -> None:
+            # Also noticed by the next commit, for a loop too busy to run this soon.
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile: close() ends the checkpoint
+                loop.call_soon_threadsafe(self._finish_checkpoint, loop)
+
+        self._checkpointing.add_done_callback(bulk_copied)
+
+    def _finish_checkpoint(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Once the bulk is copied: hold commits back and copy the rest (on the loop, once per checkpoint)."""
+        if self._checkpoint_phase != "bulk" or self._checkpointing is None or not self._checkpointing.done():
+            return
+        self._checkpoint_phase = "final"
+        if self._closed:
+            self._checkpoint_phase = None
+            return
+        with self._lock:
+            self._committing = True
         self._checkpointing = self._checkpointer.submit(self._checkpoint)
 
         def finished(_: Future[None]) -> None:
             with self._lock:
                 self._committing = False
+                self._checkpoint_phase = None
                 waiting = bool(self._pending)
                 urgent = any(future is not None for _, future in self._pending)
             if waiting and not loop.is_closed():

@@ -17,16 +17,20 @@ LOG_BOUND = 24 * 1024 * 1024
 
 
 class HeldCheckpoints(SQLiteAuditStore):
-    """A store whose checkpoints wait until the test lets them go, as on a disk that is slow to sync."""
+    """A store whose first two checkpoint copies (a checkpoint's bulk and its rest) each wait until the test
+    lets them go, as on a disk that is slow to sync."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
-        self.entered = threading.Event()
-        self.release = threading.Event()
+        self.entered = [threading.Event(), threading.Event()]
+        self.release = [threading.Event(), threading.Event()]
+        self.copies = 0
 
     def _checkpoint(self) -> None:
-        self.entered.set()
-        self.release.wait(timeout=30)
+        copy, self.copies = self.copies, self.copies + 1
+        if copy < len(self.entered):
+            self.entered[copy].set()
+            self.release[copy].wait(timeout=30)
         super()._checkpoint()
 
 
@@ -51,14 +55,20 @@ def test_log_stays_short_under_sustained_calls(tmp_path: Path) -> None:
 
 
 def test_loop_runs_on_while_a_checkpoint_waits_for_the_disk(tmp_path: Path) -> None:
-    """While a checkpoint is held, the loop keeps serving, a start waits for its commit, and nothing is lost."""
+    """While a checkpoint copies the bulk of the log, starts are committed as ever; while it copies the rest,
+    a start waits for its commit and the loop keeps serving; nothing is lost, and the log starts over."""
 
     async def run() -> None:
         store = HeldCheckpoints(str(tmp_path / "audit.db"))
         # Calls one after another commit one by one, and this many commits make a checkpoint due.
         for _ in range(CHECKPOINT_COMMITS):
             await store.append(start(), durable=True)
-        assert await asyncio.to_thread(store.entered.wait, 10)
+        bulk, rest = store.entered
+        assert await asyncio.to_thread(bulk.wait, 10)
+        await asyncio.wait_for(store.append(start(tenant="beta"), durable=True), timeout=1)
+        assert not rest.is_set()
+        store.release[0].set()
+        assert await asyncio.to_thread(rest.wait, 10)
         waiting = asyncio.create_task(store.append(start(tenant="beta"), durable=True))
         ticks = 0
         for _ in range(20):
@@ -71,12 +81,12 @@ def test_loop_runs_on_while_a_checkpoint_waits_for_the_disk(tmp_path: Path) -> N
         reading = asyncio.create_task(store.query(AuditQuery(tenant="gamma")))
         await asyncio.sleep(0.05)
         assert not reading.done()
-        store.release.set()
+        store.release[1].set()
         await asyncio.wait_for(waiting, timeout=10)
         page = await asyncio.wait_for(reading, timeout=10)
         assert [row["id"] for row in page.calls] == [lazy.id]
         beta = await store.query(AuditQuery(tenant="beta"))
-        assert len(beta.calls) == 1
+        assert len(beta.calls) == 2
         acme = await store.query(AuditQuery(tenant="acme", limit=1000))
         assert len(acme.calls) == CHECKPOINT_COMMITS
         await store.close()
