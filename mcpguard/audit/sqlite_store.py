@@ -222,10 +222,10 @@ class SQLiteAuditStore:
         """Once the bulk is copied: hold commits back and copy the rest (on the loop, once per checkpoint)."""
         if self._checkpoint_phase != "bulk" or self._checkpointing is None or not self._checkpointing.done():
             return
-        self._checkpoint_phase = "final"
         if self._closed:
             self._checkpoint_phase = None
             return
+        self._checkpoint_phase = "final"
         with self._lock:
             self._committing = True
         self._checkpointing = self._checkpointer.submit(self._checkpoint)

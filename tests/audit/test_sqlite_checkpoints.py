@@ -56,7 +56,7 @@ def test_log_stays_short_under_sustained_calls(tmp_path: Path) -> None:
 
 def test_loop_runs_on_while_a_checkpoint_waits_for_the_disk(tmp_path: Path) -> None:
     """While a checkpoint copies the bulk of the log, starts are committed as ever; while it copies the rest,
-    a start waits for its commit and the loop keeps serving; nothing is lost, and the log starts over."""
+    a start waits for its commit and the loop keeps serving; nothing is lost."""
 
     async def run() -> None:
         store = HeldCheckpoints(str(tmp_path / "audit.db"))

@@ -16,6 +16,8 @@ from sidecar.coalescing import CoalescingHttpToolsProtocol
 from tests.conftest import serve
 
 LATE_SECONDS = 0.3
+# Lets /stream send its second chunk once the client holds the first.
+RELEASE = threading.Event()
 
 
 class Writes:
@@ -74,8 +76,6 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
     else:
         await send({"type": "http.response.body", "body": b"small body"})
 
-
-RELEASE = threading.Event()
 
 
 @pytest.fixture
