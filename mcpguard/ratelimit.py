@@ -18,7 +18,7 @@ from typing import Literal, get_args
 from urllib.parse import quote
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import Storage
+from limits.aio.storage import MemoryStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter, RateLimiter, SlidingWindowCounterRateLimiter
 from limits.errors import ConfigurationError, StorageError
 from limits.storage import storage_from_string
@@ -46,6 +46,10 @@ _URL_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 # name could make two different counters share one key.
 _KEY_UNSAFE = re.compile(r"[/%{}]")
 _REDIS_KEY_PREFIX = "mcpguard-ratelimit"
+# How often, at most, the in-process store sweeps out expired counters.
+_SWEEP_SECONDS = 1.0
+# limits' in-process store schedules its sweep through this (name-mangled) method.
+_SCHEDULE_SWEEP = "_MemoryStorage__schedule_expiry"
 _UNKNOWN_CLIENT = "unknown"
 
 _Check = tuple[RateLimitItem, tuple[str, ...]]
@@ -118,6 +122,29 @@ def _compile(rate_limits: RateLimits) -> _Plan:
     )
 
 
+def _sweep_at_most_every(storage: MemoryStorage, seconds: float) -> None:
+    """Let ``storage`` start its sweep of expired counters at most once every ``seconds``.
+
+    limits starts a sweep of every counter at each hit once the previous sweep is over, which on a busy
+    loop is after every hit: a call's cost grew with the number of live counters (every tenant's, every
+    address's failed sign-ins), to over a millisecond at ten thousand, so a flood of new counters slowed
+    every call. Counts stay exact, as a read drops an expired counter itself; the sweep only frees memory.
+    """
+    schedule = getattr(storage, _SCHEDULE_SWEEP, None)
+    if schedule is None:  # pragma: no cover - a limits release that sweeps differently; tests notice it
+        return
+    due = 0.0
+
+    async def schedule_now_and_then() -> None:
+        nonlocal due
+        now = time.monotonic()
+        if now >= due:
+            due = now + seconds
+            await schedule()
+
+    setattr(storage, _SCHEDULE_SWEEP, schedule_now_and_then)
+
+
 def open_limiter_storage(url: str, *, timeout: float = 1.0) -> Storage:
     """The ``limits`` async storage ``url`` names: ``memory://``, or ``redis://host:port/db`` (``rediss://`` for TLS).
 
@@ -128,6 +155,8 @@ def open_limiter_storage(url: str, *, timeout: float = 1.0) -> Storage:
     scheme = match[1].lower() if match else None
     if scheme == "memory":
         storage = storage_from_string("async+memory://", wrap_exceptions=True)
+        if isinstance(storage, MemoryStorage):
+            _sweep_at_most_every(storage, _SWEEP_SECONDS)
     elif scheme in ("redis", "rediss"):
         try:
             storage = storage_from_string(

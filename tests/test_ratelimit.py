@@ -13,8 +13,9 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -325,6 +326,68 @@ class TestFailedAuthLimiter:
             lenient = FailedAuthLimiter(open_limiter_storage(dead_redis_url()), fail_open=True)
             await lenient.check("203.0.113.7")
             await lenient.record_failure("203.0.113.7")
+
+        asyncio.run(scenario())
+
+
+async def calls_made(work: Awaitable[None]) -> int:
+    """How many Python and C function calls awaiting ``work`` makes, in its task and in any task it lets run."""
+    made = 0
+
+    def count(frame: object, event: str, arg: object) -> None:
+        nonlocal made
+        if event in ("call", "c_call"):
+            made += 1
+
+    sys.setprofile(count)
+    try:
+        await work
+    finally:
+        sys.setprofile(None)
+    return made
+
+
+class TestManyCounters:
+    """An in-process store with many live counters: each call costs what it did with few."""
+
+    @pytest.mark.threat("T-RATE-COUNTER-FLOOD")
+    def test_a_flood_of_counters_does_not_slow_every_later_call(self) -> None:
+        """Failed sign-ins from 5,000 addresses leave 10,000 live counters; later calls do no more work."""
+
+        async def later_calls(limiter: FailedAuthLimiter) -> None:
+            for _ in range(200):
+                await limiter.check("203.0.113.7")
+                await limiter.record_failure("203.0.113.7")
+                await asyncio.sleep(0)  # as a server's loop turns between calls, letting any sweep run
+
+        async def work_after(flood: int) -> int:
+            limiter = FailedAuthLimiter(open_limiter_storage("memory://"), limit="1000/minute")
+            for n in range(flood):
+                await limiter.record_failure(str(ipaddress.ip_address(0x20010DB8 << 96 | n)))
+            await asyncio.sleep(0)
+            return await calls_made(later_calls(limiter))
+
+        async def scenario() -> None:
+            few, many = await work_after(10), await work_after(5000)
+            # One sweep of the 10,000 counters is about 10,000 calls; one after every call, two million.
+            assert many - few < 25_000, (few, many)
+
+        asyncio.run(scenario())
+
+    def test_expired_counters_are_still_swept_out(self) -> None:
+        """Counters that expired are removed by a later sweep, so memory does not grow with old counters."""
+
+        async def scenario() -> None:
+            storage = open_limiter_storage("memory://")
+            assert isinstance(storage, MemoryStorage)
+            for n in range(100):
+                await storage.incr(f"old-{n}", 0.2)
+            assert len(storage.expirations) == 100
+            await asyncio.sleep(1.2)  # past expiry, and past the sweep interval
+            await storage.incr("new", 60)
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert set(storage.expirations) == {"new"}
 
         asyncio.run(scenario())
 
