@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpguard.errors import AuthenticationRequired, InvalidToken
 from mcpguard.principal import Principal
 from mcpguard.ratelimit import FailedAuthLimiter, client_ip
-from mcpguard.request_state import state_of
+from mcpguard.request_state import request_headers, state_of
 
 __all__ = ["AuthenticationLayer", "CredentialVerifier", "RememberingVerifier"]
 
@@ -35,14 +35,9 @@ class RememberingVerifier(CredentialVerifier, Protocol):
 
 
 def _presented(scope: Scope, api_key_header: bytes | None) -> str | None:
-    authorization: list[bytes] = []
-    api_keys: list[bytes] = []
-    for name, value in scope["headers"]:
-        lowered = name.lower()
-        if lowered == b"authorization":
-            authorization.append(value)
-        elif api_key_header is not None and lowered == api_key_header:
-            api_keys.append(value)
+    headers = request_headers(scope)
+    authorization = headers.get(b"authorization", ())
+    api_keys = headers.get(api_key_header, ()) if api_key_header is not None else ()
     if len(authorization) + len(api_keys) > 1:
         raise InvalidToken("present exactly one credential")
     if api_keys:

@@ -17,6 +17,7 @@ from mcpguard.authentication import AuthenticationLayer, CredentialVerifier
 from mcpguard.authorization import ScopeLayer
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.errors import MCPGuardError
+from mcpguard.headers import header_index
 from mcpguard.metadata import PublicRoutes, resource_metadata_url
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer
 from mcpguard.origins import OriginLayer
@@ -58,8 +59,13 @@ class EntryLayer:
             # MCP defines no WebSocket transport; closing before accept answers the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})
             return
-        headers = [(k, v) for k, v in scope["headers"] if not k.lower().startswith(IDENTITY_HEADER_PREFIX)]
-        state = RequestState()
+        headers = list(scope["headers"])  # ASGI allows any iterable; every later layer reads a list
+        index = header_index(headers)
+        if any(name.startswith(IDENTITY_HEADER_PREFIX) for name in index):
+            # Identity headers are the guard's to write: any the client sent are dropped before anything reads them.
+            headers = [(k, v) for k, v in headers if not k.lower().startswith(IDENTITY_HEADER_PREFIX)]
+            index = {name: values for name, values in index.items() if not name.startswith(IDENTITY_HEADER_PREFIX)}
+        state = RequestState(headers=index)
         scope = {**scope, "headers": headers, SCOPE_KEY: state}
         try:
             route = self._router.route(scope["path"])

@@ -7,13 +7,14 @@ batches, non-UTF-8, ``NaN``, deep nesting, and routing headers that disagree wit
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from mcp.shared.inbound import decode_header_value
 
 from mcpguard.errors import HeaderMismatch, InvalidRequest
+from mcpguard.headers import header_index
 
 __all__ = ["NAME_PARAMS", "RpcMessage", "parse_message"]
 
@@ -23,7 +24,7 @@ INVALID_PARAMS = -32602
 # Methods whose target is mirrored in the `Mcp-Name` header, and the param that names it.
 NAME_PARAMS: Mapping[str, str] = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
-_ROUTING_HEADERS = frozenset({b"mcp-method", b"mcp-name", b"mcp-protocol-version"})
+_ROUTING_HEADERS = (b"mcp-method", b"mcp-name", b"mcp-protocol-version")
 
 RequestId = str | int
 
@@ -108,18 +109,24 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
     return rid
 
 
-def _routing_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[bytes, str]:
+# A request's headers: (name, value) pairs as ASGI gives them, or the values of each lower-case name.
+Headers = Iterable[tuple[bytes, bytes]] | Mapping[bytes, Sequence[bytes]]
+
+
+def _routing_headers(headers: Headers) -> dict[bytes, str]:
+    if not isinstance(headers, Mapping):
+        headers = header_index(headers)
     found: dict[bytes, str] = {}
-    for key, value in headers:
-        name = key.lower()
-        if name in _ROUTING_HEADERS:
-            if name in found:
+    for name in _ROUTING_HEADERS:
+        values = headers.get(name)
+        if values:
+            if len(values) > 1:
                 raise HeaderMismatch(f"{name.decode()} header sent more than once")
-            found[name] = value.decode("latin-1")
+            found[name] = values[0].decode("latin-1")
     return found
 
 
-def _check_routing_headers(message: RpcMessage, headers: Iterable[tuple[bytes, bytes]]) -> None:
+def _check_routing_headers(message: RpcMessage, headers: Headers) -> None:
     routing = _routing_headers(headers)
     method_header = routing.get(b"mcp-method")
     name_header = routing.get(b"mcp-name")
@@ -132,7 +139,7 @@ def _check_routing_headers(message: RpcMessage, headers: Iterable[tuple[bytes, b
             raise HeaderMismatch("Mcp-Name header does not match the body")
 
 
-def parse_message(body: bytes, headers: Iterable[tuple[bytes, bytes]], *, max_depth: int = 64) -> RpcMessage:
+def parse_message(body: bytes, headers: Headers, *, max_depth: int = 64) -> RpcMessage:
     """Parse and check one JSON-RPC message sent to an MCP endpoint; raise ``InvalidRequest`` if unsafe."""
     value = _decode(body, max_depth)
     if isinstance(value, list):

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard.config import GuardConfig
 from mcpguard.errors import MisdirectedRequest, OriginNotAllowed
+from mcpguard.request_state import request_headers
 
 __all__ = ["OriginLayer", "allowed_hosts", "allowed_origins"]
 
@@ -62,8 +63,9 @@ class OriginLayer:
         self._origins = allowed_origins(config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        hosts = [v for k, v in scope["headers"] if k == b"host"]
-        origins = [v for k, v in scope["headers"] if k == b"origin"]
+        headers = request_headers(scope)
+        hosts = headers.get(b"host", ())
+        origins = headers.get(b"origin", ())
         if ANY not in self._hosts and (len(hosts) != 1 or hosts[0].decode("latin-1").lower() not in self._hosts):
             raise MisdirectedRequest("this server does not answer for that Host")
         if (

@@ -7,7 +7,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.config import GuardConfig
 from mcpguard.errors import InvalidRequest, MethodNotAllowed, PayloadTooLarge
 from mcpguard.jsonrpc import parse_message
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, request_headers, state_of
 
 __all__ = ["Disconnected", "ParseLayer", "read_body"]
 
@@ -20,7 +20,7 @@ class Disconnected(Exception):
 
 
 def _content_length(scope: Scope) -> int | None:
-    values = {v for k, v in scope["headers"] if k.lower() == b"content-length"}
+    values = set(request_headers(scope).get(b"content-length", ()))
     if not values:
         return None
     if len(values) > 1:
@@ -91,6 +91,6 @@ class ParseLayer:
             body = await read_body(scope, receive, self._cap)
         except Disconnected:
             return
-        state.message = parse_message(body, scope["headers"], max_depth=self._depth)
+        state.message = parse_message(body, request_headers(scope), max_depth=self._depth)
         state.body = body
         await self.app(scope, _replay(state, receive), send)

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mcpguard.config import ConfigError
 from mcpguard.errors import RateLimited, StorageUnavailable
 from mcpguard.principal import Principal
-from mcpguard.request_state import state_of
+from mcpguard.request_state import request_headers, state_of
 
 __all__ = ["FailedAuthLimiter", "RateLimitLayer", "RateLimits", "Strategy", "client_ip", "open_limiter_storage"]
 
@@ -299,8 +299,7 @@ def client_ip(scope: Scope, trusted_proxies: frozenset[str]) -> str:
         return peer
     hops = [
         hop.strip()
-        for name, value in scope["headers"]
-        if name.lower() == b"x-forwarded-for"
+        for value in request_headers(scope).get(b"x-forwarded-for", ())
         for hop in value.decode("latin-1").split(",")
     ]
     nearest = peer

@@ -8,13 +8,14 @@ from typing import TYPE_CHECKING
 
 from starlette.types import Scope
 
+from mcpguard.headers import HeaderIndex, header_index
 from mcpguard.jsonrpc import RpcMessage
 from mcpguard.principal import Principal
 
 if TYPE_CHECKING:
     from mcpguard.outcome import Outcome
 
-__all__ = ["RequestState", "first_values", "header", "state_of"]
+__all__ = ["RequestState", "first_values", "header", "request_headers", "state_of"]
 
 SCOPE_KEY = "mcpguard"
 
@@ -43,6 +44,8 @@ class RequestState:
     audit_start_id: str | None = None
     # How the answer went, filled by the first layer that watches it (audit or telemetry) for both.
     outcome: Outcome | None = None
+    # The client's headers by name, indexed once for every layer that reads one (see ``request_headers``).
+    headers: HeaderIndex | None = None
 
 
 def state_of(scope: Scope) -> RequestState:
@@ -51,19 +54,29 @@ def state_of(scope: Scope) -> RequestState:
     return state
 
 
+def request_headers(scope: Scope) -> HeaderIndex:
+    """The client's request headers by lower-case name: what the guard decides on.
+
+    The outermost layer indexes them once, after dropping identity headers a client must not send, so each
+    layer's look-up is one dictionary read rather than a pass over every header. Headers a layer adds for
+    the app (the trusted identity headers) are not the client's and are not in it.
+    """
+    state: RequestState | None = scope.get(SCOPE_KEY)
+    index = state.headers if state is not None else None
+    if index is None:
+        index = header_index(scope["headers"])
+        if state is not None:
+            state.headers = index
+    return index
+
+
 def header(scope: Scope, name: bytes) -> str | None:
-    """The first value of the (lower-case) header ``name``, or ``None``."""
-    for key, value in scope["headers"]:
-        if key == name:
-            text: str = value.decode("latin-1")
-            return text
-    return None
+    """The first value of the (lower-case) request header ``name``, or ``None``."""
+    values = request_headers(scope).get(name)
+    return values[0].decode("latin-1") if values else None
 
 
 def first_values(scope: Scope, names: frozenset[bytes]) -> dict[bytes, str]:
-    """The first value of each of the (lower-case) headers ``names`` that the request has, in one pass."""
-    found: dict[bytes, str] = {}
-    for key, value in scope["headers"]:
-        if key in names and key not in found:
-            found[key] = value.decode("latin-1")
-    return found
+    """The first value of each of the (lower-case) request headers ``names`` that the request has."""
+    index = request_headers(scope)
+    return {name: values[0].decode("latin-1") for name in names if (values := index.get(name))}

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InvalidRequest, SessionNotFound
+from mcpguard.headers import header_index
 from mcpguard.principal import Principal
-from mcpguard.request_state import state_of
+from mcpguard.request_state import request_headers, state_of
 
 __all__ = ["MemorySessionBindings", "SessionBindings", "SessionLayer", "session_digest"]
 
@@ -76,8 +77,7 @@ def _owner(principal: Principal) -> str:
     return f"{principal.tenant}\x00{principal.credential_id}"
 
 
-def _session_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    values = [value for name, value in headers if name.lower() == _SESSION_HEADER]
+def _session_id(values: Sequence[bytes]) -> str | None:
     if len(values) > 1:
         raise InvalidRequest("Mcp-Session-Id sent more than once")
     return values[0].decode("latin-1") if values else None
@@ -100,7 +100,7 @@ class SessionLayer:
             return
         owner = _owner(principal)
         bindings = self._bindings
-        session_id = _session_id(scope["headers"])
+        session_id = _session_id(request_headers(scope).get(_SESSION_HEADER, ()))
         if session_id is not None:
             # Unknown ids are refused too: the app may still hold a session we can no longer attribute.
             if await bindings.owner(session_id) != owner:
@@ -115,7 +115,7 @@ class SessionLayer:
             return
 
         async def bind(message: Message) -> None:
-            opened = _session_id(message.get("headers", []))
+            opened = _session_id(header_index(message.get("headers", ())).get(_SESSION_HEADER, ()))
             if opened is not None:
                 await bindings.bind(opened, owner)
 

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpguard.audit.events import reason_for
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.outcome import Outcome, decision_for, observe
-from mcpguard.request_state import RequestState, state_of
+from mcpguard.request_state import RequestState, request_headers, state_of
 from mcpguard.sessions import session_digest
 
 __all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
@@ -91,15 +91,15 @@ class TelemetryLayer:
         if textmap is not propagate.get_global_textmap():
             # The global propagator is normally set once at startup; follow it if it is replaced later.
             textmap, fields = self._propagation = _propagation(propagate.get_global_textmap())
-        carrier: dict[str, str] = {}
-        session = None
-        for name, value in scope["headers"]:
-            if name in fields:
-                # A repeated field is one comma-separated list (RFC 9110 §5.3), as trace context asks of tracestate.
-                key, text = name.decode("latin-1"), value.decode("latin-1")
-                carrier[key] = f"{carrier[key]},{text}" if key in carrier else text
-            elif name == _SESSION and session is None:
-                session = value.decode("latin-1")  # the first, as every layer reads it
+        headers = request_headers(scope)
+        # A repeated field is one comma-separated list (RFC 9110 §5.3), as trace context asks of tracestate.
+        carrier = {
+            name.decode("latin-1"): b",".join(values).decode("latin-1")
+            for name in fields
+            if (values := headers.get(name))
+        }
+        sessions = headers.get(_SESSION)
+        session = sessions[0].decode("latin-1") if sessions else None  # the first, as every layer reads it
         # Without a propagation header, extracting would only cost time: the current context is the parent.
         return (textmap.extract(carrier) if carrier else None), session
 

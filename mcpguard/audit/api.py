@@ -27,7 +27,7 @@ from mcpguard.audit.events import AuditEvent
 from mcpguard.audit.query import TENANT_PARAMETER, AuditQuery, parse_query
 from mcpguard.audit.recorder import AuditStore
 from mcpguard.errors import InsufficientScope, InvalidRequest, MethodNotAllowed, TenantMismatch
-from mcpguard.request_state import state_of
+from mcpguard.request_state import request_headers, state_of
 from mcpguard.responses import send_json
 from mcpguard.scopes import AUDIT, ScopePolicy
 
@@ -225,7 +225,7 @@ class AuditAPI:
             await send_json(send, 200, page.calls[0])
             return
         query = parse_query(params, tenant=tenant)
-        accept = b",".join(value for key, value in scope["headers"] if key.lower() == b"accept")
+        accept = b",".join(request_headers(scope).get(b"accept", ()))
         media_type = media_type_for(accept.decode("latin-1"))
         if media_type == JSON:
             page = await self._store.query(query)

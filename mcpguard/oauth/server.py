@@ -30,7 +30,7 @@ from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.tokens_endpoint import TokenEndpoint, principal_of
 from mcpguard.parsing import Disconnected, read_body
 from mcpguard.ratelimit import FailedAuthLimiter, client_ip
-from mcpguard.request_state import header, state_of
+from mcpguard.request_state import header, request_headers, state_of
 from mcpguard.responses import send_json
 from mcpguard.stores.base import GrantRecord
 
@@ -61,9 +61,7 @@ def _form(body: bytes) -> dict[str, str]:
 
 
 def _cookie(scope: Scope, name: str) -> str | None:
-    for key, value in scope["headers"]:
-        if key != b"cookie":
-            continue
+    for value in request_headers(scope).get(b"cookie", ()):
         for part in value.decode("latin-1").split(";"):
             cookie_name, _, cookie_value = part.strip().partition("=")
             if cookie_name == name:
