@@ -1,9 +1,9 @@
-"""The sidecar, nginx and a direct connection side by side in front of the same MCP upstream.
+"""The sidecar, its HTTP stack alone, nginx and a direct connection side by side in front of the same MCP upstream.
 
 Run from the repository root::
 
     python bench/sidecar_vs_direct.py [--seconds 10] [--warmup 2] [--concurrency 1,16,64]
-        [--upstreams demo,echo] [--targets direct,sidecar,nginx] [--rounds 1] [--pin] [--out results.json]
+        [--upstreams demo,echo] [--targets direct,sidecar,bare,nginx] [--rounds 1] [--pin] [--out results.json]
         [--proxy-cmd "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"]
 
 With ``--rounds N`` every concurrency is measured N times, the targets taking turns within each round,
@@ -20,7 +20,10 @@ warm-up at the same concurrency. Upstreams: ``demo`` (``sidecar.demo_server``, t
 1 ms per call) and ``echo`` (``bench.echo_upstream``, a raw ASGI app that does almost nothing, so
 the proxy is the bottleneck). Targets: ``direct`` to the upstream, the proxy command (named by
 ``--proxy-name``; placeholders ``{upstream}``, ``{listen}``, ``{host}``, ``{port}``, ``{state}``)
-and ``nginx`` (one worker, upstream keep-alive, no buffering) when it is installed.
+``bare`` (``bench.bare_proxy``: the sidecar's own HTTP stack, uvicorn and the same aiohttp forwarding,
+with no guard, so the guard's share shows beside the stack's in every run) and ``nginx`` (one worker,
+upstream keep-alive, no buffering) when it is installed. ``bare`` and ``nginx`` are references: they are
+judged against the same targets, so a run shows what the stack alone and a C proxy reach.
 
 For the proxy, a ``mcp:read`` key is made first with ``--key-cmd`` (production argon2 profile; its
 verification is cached by the guard) unless ``--key`` or ``--no-key`` is given, and the proxy runs
@@ -72,6 +75,9 @@ UPSTREAMS = {
 }
 DEFAULT_PROXY_CMD = "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"
 DEFAULT_KEY_CMD = "mcpguard keys create --tenant bench --scopes mcp:read --state {state} --json"
+# The sidecar's HTTP stack with no guard in front of it: the floor under the sidecar's figures.
+BARE_CMD = [sys.executable, "-m", "bench.bare_proxy", "--upstream", "{upstream}", "--listen", "{listen}"]
+REFERENCES = ("bare", "nginx")
 
 # wrk counts answers with status >= 400 as status errors; the preflight call must have answered 200.
 ERROR_LABELS = {
@@ -381,6 +387,9 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 conf = nginx_conf(directory, listen, port)
                 cmd = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "nginx-error.log")]
                 target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
+            elif name == "bare":
+                cmd = [word.format(upstream=up.url, listen=f"127.0.0.1:{listen}") for word in BARE_CMD]
+                target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
             else:
                 values = {
                     "upstream": up.url,
@@ -536,7 +545,7 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each run (default 2)")
     parser.add_argument("--concurrency", default="1,16,64", help="connection counts (default 1,16,64)")
     parser.add_argument("--upstreams", default="demo,echo", help="of demo,echo (default both)")
-    parser.add_argument("--targets", default=None, help="of direct, nginx and --proxy-name (default all three)")
+    parser.add_argument("--targets", default=None, help="of direct, --proxy-name, bare and nginx (default all four)")
     parser.add_argument("--proxy-name", default="sidecar", help="the proxy command's name in reports")
     parser.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD, help="command template for the proxy")
     parser.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE", help="extra proxy env")
@@ -555,12 +564,14 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.upstreams = [u for u in args.upstreams.split(",") if u]
-    args.targets = [t for t in (args.targets or f"direct,{args.proxy_name},nginx").split(",") if t]
+    args.targets = [t for t in (args.targets or f"direct,{args.proxy_name},bare,nginx").split(",") if t]
     unknown = [u for u in args.upstreams if u not in UPSTREAMS]
     if unknown:
         parser.error(f"unknown upstream(s) {unknown}; choose from {sorted(UPSTREAMS)}")
-    if not set(args.targets) <= {"direct", "nginx", args.proxy_name}:
-        parser.error(f"targets are direct, nginx and {args.proxy_name!r} (--proxy-name)")
+    if args.proxy_name in ("direct", *REFERENCES):
+        parser.error(f"--proxy-name {args.proxy_name!r} is taken by a built-in target")
+    if not set(args.targets) <= {"direct", args.proxy_name, *REFERENCES}:
+        parser.error(f"targets are direct, {args.proxy_name!r} (--proxy-name), bare and nginx")
     return args
 
 
@@ -611,7 +622,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if args.rounds > 1:
                         report_medians(upstream, runs, connections, out)
             found.extend(verdicts(upstream, runs, proxies))
-    basis = "against direct from the same run"
+    basis = "figure against direct from the same run"
     if args.rounds > 1:
         basis = "median over the rounds, each against direct from its round"
     print(f"\ntargets (DESIGN.md, judged by the {basis}):", file=out)
