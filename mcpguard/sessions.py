@@ -11,7 +11,6 @@ from typing import Protocol
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InvalidRequest, SessionNotFound
-from mcpguard.headers import header_index
 from mcpguard.principal import Principal
 from mcpguard.request_state import request_headers, state_of
 
@@ -115,7 +114,8 @@ class SessionLayer:
             return
 
         async def bind(message: Message) -> None:
-            opened = _session_id(header_index(message.get("headers", ())).get(_SESSION_HEADER, ()))
+            headers = message.get("headers", ())
+            opened = _session_id([value for name, value in headers if name.lower() == _SESSION_HEADER])
             if opened is not None:
                 await bindings.bind(opened, owner)
 

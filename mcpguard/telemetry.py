@@ -86,7 +86,7 @@ class TelemetryLayer:
         self._propagation = _propagation(propagate.get_global_textmap())
 
     def _read_headers(self, scope: Scope) -> tuple[Context | None, str | None]:
-        """The client's trace context (``None`` when it sent none) and ``Mcp-Session-Id``, in one pass."""
+        """The client's trace context (``None`` when it sent none) and ``Mcp-Session-Id``, from its header index."""
         textmap, fields = self._propagation
         if textmap is not propagate.get_global_textmap():
             # The global propagator is normally set once at startup; follow it if it is replaced later.
