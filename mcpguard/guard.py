@@ -40,8 +40,18 @@ __all__ = ["MCPGuard", "build_guard", "rate_limit_factory", "stack_names"]
 Layer = Callable[[ASGIApp], ASGIApp]
 
 
+def _dropped(name: bytes) -> bool:
+    """Whether the client's header ``name`` (lower case) is dropped before any layer reads it.
+
+    Identity headers are the guard's to write. A name with an underscore is dropped too, as nginx does by
+    default: servers that read headers CGI-style (Django, Rack, PHP) fold "_" into "-", so a client's
+    X_MCPGuard_Tenant or Mcp_Session_Id would reach them as the very header the guard wrote or checked.
+    """
+    return b"_" in name or name.startswith(IDENTITY_HEADER_PREFIX)
+
+
 class EntryLayer:
-    """Outermost: lifespan passes, WebSocket is refused, identity headers from outside are dropped."""
+    """Outermost: lifespan passes, WebSocket is refused, identity and underscored headers from outside are dropped."""
 
     name = "entry"
 
@@ -61,10 +71,9 @@ class EntryLayer:
             return
         headers = list(scope["headers"])  # ASGI allows any iterable; every later layer reads a list
         index = header_index(headers)
-        if any(name.startswith(IDENTITY_HEADER_PREFIX) for name in index):
-            # Identity headers are the guard's to write: any the client sent are dropped before anything reads them.
-            headers = [(k, v) for k, v in headers if not k.lower().startswith(IDENTITY_HEADER_PREFIX)]
-            index = {name: values for name, values in index.items() if not name.startswith(IDENTITY_HEADER_PREFIX)}
+        if any(_dropped(name) for name in index):
+            headers = [(k, v) for k, v in headers if not _dropped(k.lower())]
+            index = {name: values for name, values in index.items() if not _dropped(name)}
         state = RequestState(headers=index)
         scope = {**scope, "headers": headers, SCOPE_KEY: state}
         try:

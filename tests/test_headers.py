@@ -49,6 +49,18 @@ def test_identity_headers_from_outside_are_in_neither_the_headers_nor_the_index(
     assert request_headers(scope) is state_of(scope).headers
 
 
+@pytest.mark.threat("T-HEADER-UNDERSCORE")
+@pytest.mark.parametrize(
+    "spelling", [b"x_mcpguard_tenant", b"X_MCPGuard-Tenant", b"mcp_session_id", b"Mcp_Method", b"x_forwarded_for"]
+)
+def test_underscored_header_names_are_dropped_before_any_layer_reads_them(spelling: bytes) -> None:
+    """A name that a CGI-style server would read as a guarded header ("_" folded into "-") is gone, from the
+    headers and from the index, while the headers around it stay as sent."""
+    scope = entered([(b"host", b"h"), (spelling, b"globex"), (b"Accept", b"a"), (b"mcp-method", b"ping")])
+    assert scope["headers"] == [(b"host", b"h"), (b"Accept", b"a"), (b"mcp-method", b"ping")]
+    assert state_of(scope).headers == {b"host": [b"h"], b"accept": [b"a"], b"mcp-method": [b"ping"]}
+
+
 def test_a_header_list_is_indexed_on_first_read_when_no_entry_did_it() -> None:
     """A layer run on its own (no entry before it) still reads the request's headers, by lower-case name."""
     scope: Scope = {"headers": [(b"Host", b"h")], SCOPE_KEY: RequestState()}

@@ -157,16 +157,9 @@ def test_client_credentials_never_reach_the_upstream(stack: Stack) -> None:
     """The upstream sees its own injected credential, never the client's key or cookies."""
     before = len(stack.capture.headers)
     key = stack.keys["read"]
-    response = httpx.post(
-        stack.url + "/mcp",
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
-        headers={
-            "Authorization": f"Bearer {key}",
-            "Cookie": "session=client-cookie",
-            "Proxy-Authorization": "Basic Y2xpZW50",
-            "X-MCPGuard-Tenant": "globex",
-            **_modern("tools/list"),
-        },
+    response = list_tools_with(
+        stack,
+        {"Cookie": "session=client-cookie", "Proxy-Authorization": "Basic Y2xpZW50", "X-MCPGuard-Tenant": "globex"},
     )
     assert response.status_code == 200
     seen = [h for h in stack.capture.headers[before:] if "x-mcpguard-tenant" in h]
@@ -199,6 +192,15 @@ def _modern(method: str, name: str | None = None) -> dict[str, str]:
     if name is not None:
         headers["Mcp-Name"] = name
     return headers
+
+
+def list_tools_with(stack: Stack, headers: dict[str, str]) -> httpx.Response:
+    """A stateless tools/list through the sidecar with the read key and ``headers``; the upstream records it."""
+    return httpx.post(
+        stack.url + "/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
+        headers={"Authorization": f"Bearer {stack.keys['read']}", **headers, **_modern("tools/list")},
+    )
 
 
 @pytest.mark.threat("T-SESSION-HIJACK")
@@ -341,18 +343,39 @@ def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
 def test_forged_assertion_header_from_client_is_dropped(stack: Stack) -> None:
     """A client-sent X-MCPGuard-Assertion never reaches the upstream (the whole X-MCPGuard-* family is stripped)."""
     before = len(stack.capture.headers)
-    response = httpx.post(
-        stack.url + "/mcp",
-        json={"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": _meta()},
-        headers={
-            "Authorization": f"Bearer {stack.keys['read']}",
-            "X-MCPGuard-Assertion": "forged.token.value",
-            **_modern("tools/list"),
-        },
-    )
+    response = list_tools_with(stack, {"X-MCPGuard-Assertion": "forged.token.value"})
     assert response.status_code == 200
     for headers in stack.capture.headers[before:]:
         assert "forged.token.value" not in json.dumps(headers)
+
+
+@pytest.mark.threat("T-HEADER-UNDERSCORE")
+def test_underscored_twins_of_guarded_headers_never_reach_the_upstream(stack: Stack) -> None:
+    """Servers that read headers CGI-style (Django, Rack, PHP) fold "_" into "-": a client's X_MCPGuard_Tenant,
+    Mcp_Session_Id or X_Forwarded_For would reach them as the headers the guard writes or checks. No header
+    with an underscore in its name is forwarded, so the upstream reads each of them as the guard decided it."""
+    before = len(stack.capture.headers)
+    response = list_tools_with(
+        stack,
+        {
+            "X_MCPGuard_Tenant": "globex",
+            "x_mcpguard_scopes": "mcp:admin",
+            "Mcp_Session_Id": "someone-elses-session",
+            "X_Forwarded_For": "203.0.113.9",
+        },
+    )
+    assert response.status_code == 200
+    seen = stack.capture.headers[before:]
+    assert seen
+    for headers in seen:
+        assert not [name for name in headers if "_" in name]
+        folded: dict[str, list[str]] = {}
+        for name, values in headers.items():
+            folded.setdefault(name.replace("_", "-"), []).extend(values)
+        assert folded["x-mcpguard-tenant"] == ["acme"]
+        assert "mcp:admin" not in folded["x-mcpguard-scopes"][0]
+        assert "mcp-session-id" not in folded
+        assert "203.0.113.9" not in json.dumps(folded)
 
 
 def _ours(found: object) -> bool:
