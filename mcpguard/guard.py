@@ -26,7 +26,7 @@ from mcpguard.pinning import PinningLayer
 from mcpguard.ratelimit import FailedAuthLimiter, RateLimitLayer, RateLimits, open_limiter_storage
 from mcpguard.request_state import SCOPE_KEY, RequestState, state_of
 from mcpguard.responses import send_error
-from mcpguard.routing import Router
+from mcpguard.routing import MCPRoute, Router
 from mcpguard.scopes import ScopePolicy
 from mcpguard.sessions import MemorySessionBindings, SessionBindings, SessionLayer
 from mcpguard.telemetry import Telemetry, TelemetryLayer
@@ -77,7 +77,7 @@ class EntryLayer:
         state = RequestState(headers=index)
         scope = {**scope, "headers": headers, SCOPE_KEY: state}
         try:
-            route = self._router.route(scope["path"])
+            route = self._route(scope)
         except MCPGuardError as exc:
             await send_error(send, exc, state, None)
             return
@@ -85,6 +85,19 @@ class EntryLayer:
             state.is_mcp = True
             state.path_tenant = route.path_tenant
         await self.app(scope, receive, send)
+
+    def _route(self, scope: Scope) -> MCPRoute | None:
+        """The MCP route of the request's path, with or without the prefix it is mounted under.
+
+        Under ``root_path`` (a Starlette ``Mount``, ``uvicorn --root-path``) the path still holds the prefix,
+        but the app routes what follows it: either reading that is the MCP endpoint makes the request MCP.
+        """
+        path: str = scope["path"]
+        route = self._router.route(path)
+        root: str = scope.get("root_path", "")
+        if route is None and root and path.startswith(root):
+            route = self._router.route(path[len(root) :] or "/")
+        return route
 
 
 class ErrorLayer:

@@ -31,6 +31,11 @@ def _content_length(scope: Scope) -> int | None:
     return int(raw)
 
 
+def _declares_body(scope: Scope) -> bool:
+    headers = request_headers(scope)
+    return b"transfer-encoding" in headers or any(value != b"0" for value in headers.get(b"content-length", ()))
+
+
 async def read_body(scope: Scope, receive: Receive, cap: int) -> bytes:
     """The whole request body; ``PayloadTooLarge`` past ``cap`` bytes (declared or streamed), ``Disconnected``
     if the client leaves first."""
@@ -85,6 +90,9 @@ class ParseLayer:
         if method not in _MCP_METHODS:
             raise MethodNotAllowed(f"{method} is not served on the MCP endpoint")
         if method != "POST":
+            if _declares_body(scope):
+                # Decided by method alone (no message), so a body here would reach the app unread by the guard.
+                raise InvalidRequest(f"a {method} to the MCP endpoint carries no body")
             await self.app(scope, receive, send)
             return
         try:

@@ -72,7 +72,10 @@ class PinningLayer:
             raise TenantMismatch(f"the {self._argument!r} argument names another tenant")
         params["arguments"] = {**arguments, self._argument: principal.tenant}
         # Re-serialised once, here; the parse layer hands the app whatever state.body holds.
-        state.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            state.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate escape: valid JSON, but no text a server can read
+            raise InvalidRequest("the request holds a string that is not valid Unicode") from None
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         headers.append((b"content-length", str(len(state.body)).encode()))
         scope["headers"] = headers

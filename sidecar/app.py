@@ -26,13 +26,14 @@ from mcpguard import (
     open_limiter_storage,
     rate_limit_factory,
     send_json,
+    state_of,
     tool_lister,
     with_authorization_server,
 )
 from sidecar.proxy import ProxySettings, UpstreamProxy
 from sidecar.stdio_upstream import StdioSettings, StdioUpstream
 
-__all__ = ["Closer", "SidecarApp", "build_sidecar", "build_stdio_sidecar"]
+__all__ = ["Closer", "MCPEndpointOnly", "SidecarApp", "build_sidecar", "build_stdio_sidecar"]
 
 _READY_PROBE_TIMEOUT = 2.0
 
@@ -116,6 +117,24 @@ class SidecarApp:
         return problems
 
 
+class MCPEndpointOnly:
+    """In front of the upstream: only what the guard decided on as MCP traffic reaches it; anything else is 404.
+
+    Forwarded, another path would be decided by its HTTP method alone, yet the upstream may still serve MCP
+    there: at its own MCP path under another name, on a legacy HTTP+SSE ``/messages`` endpoint, or at a spelling
+    it decodes differently (``/mcp%3F``, ``/%256Dcp``).
+    """
+
+    def __init__(self, upstream: ASGIApp) -> None:
+        self.upstream = upstream
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not state_of(scope).is_mcp:
+            await send_json(send, 404, {"error": "not_found", "error_description": "no such endpoint"})
+            return
+        await self.upstream(scope, receive, send)
+
+
 def _assemble(
     upstream: UpstreamProxy | StdioUpstream,
     *,
@@ -141,7 +160,7 @@ def _assemble(
         config, oauth, tokens=tokens, failed_auth=failed_auth
     )
     guard = build_guard(
-        upstream,
+        MCPEndpointOnly(upstream),
         config,
         keys=keys,
         tokens=tokens,

@@ -17,7 +17,7 @@ import aiohttp
 from starlette.types import Message, Receive, Scope, Send
 from yarl import URL
 
-from mcpguard import UpstreamTimeout, UpstreamUnavailable, state_of
+from mcpguard import UpstreamTimeout, UpstreamUnavailable
 
 __all__ = ["ProxySettings", "UpstreamProxy"]
 
@@ -106,12 +106,12 @@ class UpstreamProxy:
             self._session = None
 
     def upstream_url(self, scope: Scope) -> URL:
-        """The upstream URL for this request: the guard's MCP endpoints all map to the upstream's."""
+        """The upstream URL for this request: the guard's MCP endpoints all map to the upstream's (only MCP traffic
+        is forwarded), the query string passed on as the client wrote it."""
         query = scope.get("query_string", b"")
-        if state_of(scope).is_mcp and not query:
+        if not query:
             return self._mcp_url  # parsed once: the hot path
-        path = self._upstream_mcp_path if state_of(scope).is_mcp else scope["path"]
-        return URL(self._origin + path + (f"?{query.decode('latin-1')}" if query else ""), encoded=False)
+        return URL(f"{self._mcp_url}?{query.decode('latin-1')}", encoded=True)
 
     def _headers(self, scope: Scope) -> list[tuple[str, str]]:
         headers = [

@@ -24,7 +24,6 @@ from mcpguard import (
     event_bytes,
     read_body,
     send_json,
-    state_of,
 )
 from sidecar.stdio_sessions import Channel, ChannelItem, Failure, Message, Session, StdioSessions, StdioSettings
 
@@ -74,14 +73,6 @@ class StdioUpstream:
             await self._lifespan(receive, send)
             return
         if scope["type"] != "http":
-            return
-        try:
-            is_mcp = state_of(scope).is_mcp
-        except KeyError:
-            is_mcp = False
-        if not is_mcp:
-            # Only the MCP endpoint is bridged: anything else would reach a process undecided by method.
-            await send_json(send, 404, {"error": "not_found", "error_description": "no such endpoint"})
             return
         await self._serve(scope, receive, send)
 

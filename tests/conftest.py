@@ -14,7 +14,7 @@ from typing import Any
 import argon2
 import pytest
 import uvicorn
-from starlette.types import ASGIApp, Receive
+from starlette.types import ASGIApp, Message, Receive
 
 from mcpguard import KeyRing, KeyStore
 
@@ -102,3 +102,17 @@ async def read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+def replaying(body: bytes, receive: Receive) -> Receive:
+    """A ``receive`` that hands the app ``body`` (already read with ``read_body``) once, then what follows."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay

@@ -9,13 +9,13 @@ from typing import Any
 
 import httpx
 import pytest
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from mcpguard import GuardConfig, open_store
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
-from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
+from tests.conftest import cheap_keyring, free_port, make_keys, read_body, replaying, serve
 
 MODERN = {
     "Accept": "application/json, text/event-stream",
@@ -39,16 +39,7 @@ class BodyCapture:
         document = json.loads(body)
         if document.get("method") == "tools/call":
             self.calls.append(document)
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
+        await self.app(scope, replaying(body, receive), send)
 
 
 @dataclass

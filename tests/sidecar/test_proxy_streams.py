@@ -21,11 +21,14 @@ EVENTS = 5
 GAP = 0.15
 CAP = 64 * 1024
 PIECES = (b'{"jsonrpc":"2.0",', b'"id":1,', b'"result":{}}')
+# The MCP call the sidecar forwards for the answers above (only MCP traffic reaches the upstream).
+PING = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
 
 
 @dataclass
 class Upstream:
-    """GET /mcp: SSE events GAP apart; POST /big: a body over the cap, sized or chunked; logs every hit."""
+    """GET /mcp: SSE events GAP apart; POST /mcp?pieces: JSON in pieces; any other POST: a body over the cap,
+    sized (``?sized``) or chunked; logs every hit."""
 
     hits: list[str] = field(default_factory=list)
 
@@ -45,7 +48,8 @@ class Upstream:
                 await asyncio.sleep(GAP)
             await send({"type": "http.response.body", "body": b""})
             return
-        if scope["path"] == "/pieces":
+        query = scope.get("query_string", b"")
+        if b"pieces" in query:
             # A JSON answer without a length that arrives in pieces GAP apart.
             headers = [(b"content-type", b"application/json")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -54,7 +58,7 @@ class Upstream:
                 await asyncio.sleep(GAP)
             await send({"type": "http.response.body", "body": b""})
             return
-        sized = b"sized" in scope.get("query_string", b"")
+        sized = b"sized" in query
         headers = [(b"content-type", b"application/json")]
         if sized:
             headers.append((b"content-length", str(4 * CAP).encode()))
@@ -117,7 +121,7 @@ def test_unsized_answer_in_pieces_arrives_whole_and_as_it_comes(rig: Rig) -> Non
     start = time.monotonic()
     pieces: list[tuple[float, bytes]] = []
     auth = {"Authorization": f"Bearer {rig.key}"}
-    with httpx.stream("POST", rig.sidecar + "/pieces", headers=auth, timeout=10) as response:
+    with httpx.stream("POST", rig.sidecar + "/mcp?pieces", json=PING, headers=auth, timeout=10) as response:
         assert response.status_code == 200
         for chunk in response.iter_raw():
             pieces.append((time.monotonic() - start, chunk))
@@ -130,10 +134,10 @@ def test_unsized_answer_in_pieces_arrives_whole_and_as_it_comes(rig: Rig) -> Non
 def test_oversized_upstream_answer_refused_or_cut(rig: Rig) -> None:
     """An upstream answer over the cap is a 502 when its size is declared, and an aborted stream when not."""
     auth = {"Authorization": f"Bearer {rig.key}"}
-    declared = httpx.post(rig.sidecar + "/big?sized=1", headers=auth)
+    declared = httpx.post(rig.sidecar + "/mcp?sized=1", json=PING, headers=auth)
     assert declared.status_code == 502
     with pytest.raises(httpx.RemoteProtocolError):
-        httpx.post(rig.sidecar + "/big", headers=auth, timeout=10)
+        httpx.post(rig.sidecar + "/mcp", json=PING, headers=auth, timeout=10)
 
 
 @pytest.mark.threat("T-SMUGGLE")
@@ -168,4 +172,14 @@ def test_ambiguous_framing_refused_and_not_forwarded(rig: Rig, framing: bytes) -
             pass
     assert answer.startswith(b"HTTP/1.1 400")
     assert answer.count(b"HTTP/1.1") == 1
+    assert rig.upstream.hits == before
+
+
+@pytest.mark.threat("T-PATH-EVASION")
+@pytest.mark.parametrize("path", ["/messages/?session_id=1", "/api/v1/mcp", "/mcp%3F", "/"])
+def test_only_mcp_traffic_reaches_the_upstream(rig: Rig, path: str) -> None:
+    """A path the guard does not classify as MCP is answered 404 by the sidecar, the upstream never asked."""
+    before = list(rig.upstream.hits)
+    answer = httpx.post(rig.sidecar + path, json=PING, headers={"Authorization": f"Bearer {rig.key}"})
+    assert answer.status_code == 404
     assert rig.upstream.hits == before
