@@ -24,7 +24,7 @@ from urllib.parse import urlencode, urlsplit
 
 from mcpguard.oauth.clients import Client, ClientRegistry
 from mcpguard.oauth.consent_page import ConsentView, render_consent, render_error, render_sign_in
-from mcpguard.oauth.redirect_uris import LOOPBACK_HOSTS
+from mcpguard.oauth.redirect_uris import LOOPBACK_HOSTS, redirect_uri_allowed
 from mcpguard.oauth.settings import OAuthSettings
 from mcpguard.oauth.users import Account, Authenticator
 from mcpguard.scopes import ScopePolicy
@@ -34,7 +34,8 @@ __all__ = ["AuthorizationRequest", "Authorizer", "CSRF_COOKIE", "Page", "Redirec
 
 CSRF_COOKIE = "__Host-mcpguard-csrf"
 _SCOPES = ScopePolicy()
-_LOOPBACK_IPS = frozenset({"127.0.0.1", "::1"})
+# A loopback IP literal redirect, split where its port is (or would be).
+_LOOPBACK_URI = re.compile(r"http://(?P<host>127\.0\.0\.1|\[::1\])(?::[0-9]{1,5})?(?P<rest>[/?].*)?", re.DOTALL)
 _CHALLENGE = re.compile(r"[A-Za-z0-9._~-]{43,128}")
 _TICKET_SECONDS = 300
 _REQUEST_FIELDS = (
@@ -80,26 +81,17 @@ class Redirect:
 
 def _registered(redirect_uri: str, registered: tuple[str, ...]) -> bool:
     """Exactly a registered URI; or, for a loopback IP literal, one that differs only in its port (RFC 8252
-    §7.3: a native app listens on whatever port it is given)."""
+    §7.3: a native app listens on whatever port it is given), every other character the same."""
     if redirect_uri in registered:
         return True
-    try:
-        parts = urlsplit(redirect_uri)
-        port = parts.port
-    except ValueError:
+    # The URI as written, not as a parser reads it: urlsplit drops tabs and line breaks, user info and an empty
+    # query or fragment, so two URIs it calls equal may not be.
+    presented = _LOOPBACK_URI.fullmatch(redirect_uri) if redirect_uri_allowed(redirect_uri) else None
+    if presented is None:
         return False
-    if parts.scheme != "http" or parts.hostname not in _LOOPBACK_IPS or port is None:
-        return False
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    portless = parts._replace(netloc=host).geturl()
     for candidate in registered:
-        try:
-            known = urlsplit(candidate)
-            known_port = known.port
-        except ValueError:
-            continue
-        same_host = known.scheme == "http" and known.hostname == parts.hostname and known_port is not None
-        if same_host and known._replace(netloc=host).geturl() == portless:
+        known = _LOOPBACK_URI.fullmatch(candidate)
+        if known is not None and (known["host"], known["rest"]) == (presented["host"], presented["rest"]):
             return True
     return False
 

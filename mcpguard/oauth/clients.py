@@ -121,7 +121,7 @@ class ClientRegistry:
                 "invalid_client_metadata", f"token_endpoint_auth_method must be one of {CLIENT_AUTH_METHODS}"
             )
         grant_types = metadata.get("grant_types", ["authorization_code"])
-        if not isinstance(grant_types, list) or not set(grant_types) <= _GRANT_TYPES:
+        if not isinstance(grant_types, list) or not all(isinstance(g, str) and g in _GRANT_TYPES for g in grant_types):
             raise OAuthError("invalid_client_metadata", "grant_types may only be authorization_code and refresh_token")
         response_types = metadata.get("response_types", ["code"])
         if response_types != ["code"]:
