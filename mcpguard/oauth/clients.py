@@ -44,6 +44,13 @@ class Client:
     secret_sha256: str | None = None
     # Registered by the operator: its redirect URIs are trusted with error redirects (RFC 9700 §4.11.2).
     configured: bool = False
+    # The grants it registered (RFC 7591 §2); without refresh_token it is given no refresh token.
+    grant_types: tuple[str, ...] = ("authorization_code", "refresh_token")
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether this client registered the refresh_token grant."""
+        return "refresh_token" in self.grant_types
 
     def __repr__(self) -> str:
         return f"Client(client_id={self.client_id!r}, client_name={self.client_name!r}, auth={self.auth_method!r})"
@@ -169,6 +176,7 @@ class ClientRegistry:
                 client_name=document.client_name,
                 redirect_uris=tuple(document.redirect_uris),
                 auth_method="none",
+                grant_types=document.grant_types,
             )
         record = await self._store.get_client(client_id)
         if record is None:
@@ -180,6 +188,8 @@ class ClientRegistry:
             redirect_uris=tuple(metadata["redirect_uris"]),
             auth_method=metadata["token_endpoint_auth_method"],
             secret_sha256=record.client_secret_hash,
+            # RFC 7591 §2: a registration that named no grant types registered authorization_code alone.
+            grant_types=tuple(metadata.get("grant_types", ["authorization_code"])),
         )
 
     async def authenticate(self, form: Mapping[str, str], authorization: str | None) -> Client:

@@ -161,11 +161,14 @@ class TokenEndpoint:
             del self._replayed[grant.grant_id]
             await self._grants.revoke_grant(grant.grant_id, now, "code_replay")
             raise OAuthError("invalid_grant", "this code was used twice; the tokens issued from it are revoked")
-        return self._response(grant, grant.scopes, refresh)
+        # A client that did not register the refresh grant gets none; its grant still ends with its access tokens.
+        return self._response(grant, grant.scopes, refresh if client.refreshes else None)
 
     async def _refresh(
         self, client: Client, form: Mapping[str, str], seen: Callable[[GrantRecord], None]
     ) -> dict[str, Any]:
+        if not client.refreshes:
+            raise OAuthError("unauthorized_client", "this client did not register the refresh_token grant")
         presented = form.get("refresh_token")
         if not presented:
             raise OAuthError("invalid_request", "refresh_token is required")
@@ -200,7 +203,7 @@ class TokenEndpoint:
     def _new_refresh_token(self) -> str:
         return "mcr_" + secrets.token_urlsafe(32)
 
-    def _response(self, grant: GrantRecord, scopes: tuple[str, ...], refresh: str) -> dict[str, Any]:
+    def _response(self, grant: GrantRecord, scopes: tuple[str, ...], refresh: str | None) -> dict[str, Any]:
         issued = self._issuer.issue(
             audience=grant.resource,
             subject=grant.subject,
@@ -209,13 +212,15 @@ class TokenEndpoint:
             client_id=grant.client_id,
             grant_id=grant.grant_id,
         )
-        return {
+        answer: dict[str, Any] = {
             "access_token": issued.token,
             "token_type": "Bearer",
             "expires_in": issued.expires_in,
             "scope": " ".join(scopes),
-            "refresh_token": refresh,
         }
+        if refresh is not None:
+            answer["refresh_token"] = refresh
+        return answer
 
     async def revoke(
         self, form: Mapping[str, str], authorization: str | None, seen: Callable[[GrantRecord], None]

@@ -181,6 +181,30 @@ def test_registration_with_non_string_grant_types_is_a_client_error(
     run(body)
 
 
+@pytest.mark.threat("T-REFRESH-REPLAY")
+@pytest.mark.parametrize("registered", [{"grant_types": ["authorization_code"]}, {}], ids=["code-only", "unnamed"])
+def test_client_registered_without_refresh_grant_gets_no_refresh_token(
+    deployment: Deployment, registered: dict[str, Any]
+) -> None:
+    """RFC 7591 grant_types lists what a client may use at the token endpoint (authorization_code alone when it
+    names none): such a client gets an access token but no refresh token, and the refresh grant is refused."""
+
+    async def body(http: httpx.AsyncClient) -> None:
+        metadata = {"client_name": "code only", "redirect_uris": [REDIRECT], "token_endpoint_auth_method": "none"}
+        answer = await http.post(f"{deployment.url}/register", json=metadata | registered)
+        assert answer.status_code == 201, answer.text
+        client_id = answer.json()["client_id"]
+        pkce = Pkce.new()
+        code = await code_for(http, deployment, client_id, pkce)
+        tokens = (await exchange(http, deployment, client_id, code, pkce.verifier)).json()
+        assert "access_token" in tokens
+        assert "refresh_token" not in tokens
+        refused = await refresh(http, deployment, client_id, "mcr_" + "A" * 43)
+        assert (refused.status_code, refused.json()["error"]) == (400, "unauthorized_client")
+
+    run(body)
+
+
 @pytest.mark.threat("T-REDIRECT-URI")
 def test_registration_caps_redirect_uris_and_wildcards_match_nothing(deployment: Deployment) -> None:
     """Twenty-one redirect URIs or one of 2001 characters are refused; a registered ``*`` is a literal
