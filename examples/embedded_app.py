@@ -67,7 +67,11 @@ def main() -> None:
     port = int(os.environ.get("PORT", "8000"))
     audit = SQLiteAuditStore(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
     app = create_app(state=url, public_url=f"http://127.0.0.1:{port}", audit=audit)
-    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False)
+    # proxy_headers=False: the guard reads X-Forwarded-For only from GuardConfig.trusted_proxies; uvicorn's
+    # default would rewrite the client address from that header for any peer on 127.0.0.1 first.
+    uvicorn.run(
+        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", access_log=False, proxy_headers=False
+    )
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -34,19 +36,24 @@ class RememberingVerifier(CredentialVerifier, Protocol):
         ...
 
 
+_OWS = " \t"
+
+
 def _presented(scope: Scope, api_key_header: bytes | None) -> str | None:
     headers = request_headers(scope)
     authorization = headers.get(b"authorization", ())
     api_keys = headers.get(api_key_header, ()) if api_key_header is not None else ()
     if len(authorization) + len(api_keys) > 1:
         raise InvalidToken("present exactly one credential")
+    # Only HTTP's own whitespace (space, tab) is trimmed: str.strip() would also drop a no-break space or NEL,
+    # and the app behind the guard would read a credential other than the one the guard checked.
     if api_keys:
-        credential = api_keys[0].decode("latin-1").strip()
+        credential = api_keys[0].decode("latin-1").strip(_OWS)
     elif authorization:
-        scheme, _, credential = authorization[0].decode("latin-1").strip().partition(" ")
+        scheme, _, credential = authorization[0].decode("latin-1").strip(_OWS).partition(" ")
         if scheme.lower() != "bearer":
             raise InvalidToken("use the Bearer authorization scheme")
-        credential = credential.strip()
+        credential = credential.strip(_OWS)
     else:
         return None
     if not credential:
@@ -81,6 +88,7 @@ class AuthenticationLayer:
         # limit check it would save.
         self._for_keys = (keys, _remembers_of(keys))
         self._for_tokens = (tokens, _remembers_of(tokens))
+        self._one_at_a_time = _OneAtATime()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         credential = _presented(scope, self._api_key_header)
@@ -88,17 +96,49 @@ class AuthenticationLayer:
             raise AuthenticationRequired("authentication required")
         ip = client_ip(scope, self._trusted_proxies)
         verifier, remembers = self._for_keys if credential.startswith(_KEY_PREFIX) else self._for_tokens
-        if self._failed_auth is not None and not (remembers is not None and remembers(credential)):
-            # Before any verification: an address guessing keys costs no argon2 once over its limit. A key this
-            # guard verified a moment ago is no guess (only that exact key matches) and costs no argon2 either.
+        if self._failed_auth is None or (remembers is not None and remembers(credential)):
+            # A key this guard verified a moment ago is no guess (only that exact key matches) and costs no argon2.
+            state_of(scope).principal = await self._verify(verifier, credential, ip)
+        elif verifier is self._for_keys[0]:
+            # One key check at a time per address, each after the failures before it are counted: a burst of guesses
+            # sent at once cannot all pass the limit's read before the first of them is refused.
+            async with self._one_at_a_time.hold(ip):
+                await self._failed_auth.check(ip)
+                state_of(scope).principal = await self._verify(verifier, credential, ip)
+        else:
             await self._failed_auth.check(ip)
+            state_of(scope).principal = await self._verify(verifier, credential, ip)
+        await self.app(scope, receive, send)
+
+    async def _verify(self, verifier: CredentialVerifier | None, credential: str, ip: str) -> Principal:
         try:
             if verifier is None:
                 raise InvalidToken("this kind of credential is not accepted here")
-            state_of(scope).principal = await verifier.verify(credential)
+            return await verifier.verify(credential)
         except InvalidToken:
             # Only a refused credential counts; a store outage is not the client's failure.
             if self._failed_auth is not None:
                 await self._failed_auth.record_failure(ip)
             raise
-        await self.app(scope, receive, send)
+
+
+class _OneAtATime:
+    """A lock per client address, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, address: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(address, (None, 0))
+        lock = lock if lock is not None else asyncio.Lock()
+        self._locks[address] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[address]
+            if users == 1:
+                del self._locks[address]
+            else:
+                self._locks[address] = (lock, users - 1)

@@ -129,6 +129,8 @@ async def _run(args: argparse.Namespace) -> int:
                 port=settings.listen_port,
                 http=CoalescingHttpToolsProtocol,
                 access_log=False,
+                # The guard reads X-Forwarded-For only from its trusted proxies; uvicorn must not rewrite the peer.
+                proxy_headers=False,
                 log_level="warning",
                 timeout_graceful_shutdown=5,
             )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import random
 import time
 from datetime import UTC, datetime
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, overload
 
-__all__ = ["AuditEvent", "Decision", "Phase", "new_event_id", "reason_for"]
+__all__ = ["NAME_LIMIT", "AuditEvent", "Decision", "Phase", "bounded", "new_event_id", "reason_for"]
 
 Phase = Literal["start", "end", "local"]
 Decision = Literal["allowed", "denied"]
@@ -21,6 +21,21 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Every pair of digits, so an id is 13 lookups of 10 bits rather than 26 of 5.
 _PAIRS = tuple(a + b for a in _CROCKFORD for b in _CROCKFORD)
 USER_AGENT_LIMIT = 256
+# What the client names (JSON-RPC method, tool, path) is kept to this many characters, a cut one ending in "…":
+# the trail records which call was made, not whatever a client chose to send in a name.
+NAME_LIMIT = 256
+
+
+@overload
+def bounded(text: str) -> str: ...
+@overload
+def bounded(text: None) -> None: ...
+def bounded(text: str | None) -> str | None:
+    """``text`` cut to ``NAME_LIMIT`` characters, its last one "…" when something was cut."""
+    if text is None or len(text) <= NAME_LIMIT:
+        return text
+    return text[: NAME_LIMIT - 1] + "…"
+
 
 # The refusal's wire code, reduced to the reasons a reviewer filters by.
 _REASONS = {

@@ -11,7 +11,7 @@ from typing import Any, get_args
 from starlette.types import Receive, Scope, Send
 
 from mcpguard.audit.api import CALL_FIELDS, CSV, CSV_FILENAME, EXPORT_CAP, JSON, NDJSON, TOOL_CALLS_PATH
-from mcpguard.audit.events import USER_AGENT_LIMIT, Decision
+from mcpguard.audit.events import NAME_LIMIT, USER_AGENT_LIMIT, Decision
 from mcpguard.audit.query import DEFAULT_LIMIT, FILTERS, MAX_LIMIT, TENANT_PARAMETER
 from mcpguard.config import GuardConfig
 from mcpguard.errors import MethodNotAllowed
@@ -40,10 +40,10 @@ _CALL_PROPERTIES: dict[str, dict[str, Any]] = {
     "credential_id": _nullable("string", "Id of the key or grant used; never the credential itself."),
     "client_id": _nullable("string", "OAuth client id, or the key id for an MCP key."),
     "session": _nullable("string", "Hash of the MCP session id, to group the calls of one session."),
-    "rpc_method": _nullable("string", "JSON-RPC method, such as tools/call or tools/list."),
-    "tool": _nullable("string", "Tool name, for tools/call."),
+    "rpc_method": _nullable("string", f"JSON-RPC method, such as tools/call (cut to {NAME_LIMIT} characters)."),
+    "tool": _nullable("string", f"Tool name, for tools/call (cut to {NAME_LIMIT} characters, ending in …)."),
     "http_method": {"type": "string", "description": "HTTP method of the request."},
-    "path": {"type": "string", "description": "Request path, without the query string."},
+    "path": {"type": "string", "description": f"Request path, without the query string (cut to {NAME_LIMIT})."},
     "status": _nullable("integer", "HTTP status of the answer; null while no outcome is recorded."),
     "rpc_error": _nullable("integer", "JSON-RPC error code of the answer, when it was an error."),
     "tool_error": _nullable("boolean", "The tool result's isError flag, when the answer had one."),

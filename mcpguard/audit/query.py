@@ -65,13 +65,23 @@ def _decode_cursor(cursor: str) -> str:
     return last_id
 
 
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+_DIGITS = re.compile(r"[0-9]{1,9}")
+
+
 def _time(name: str, value: str, problems: list[str]) -> datetime | None:
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         problems.append(f"{name} must be an ISO 8601 time such as 2026-11-22T10:00:00Z")
         return None
-    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    parsed = parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    try:
+        # Compared in UTC: an offset that carries it past year 1 or 9999 names no time the trail can hold.
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        problems.append(f"{name} is outside the years 1 to 9999 in UTC")
+        return None
 
 
 def parse_query(params: Mapping[str, list[str]], *, tenant: str | None) -> AuditQuery:
@@ -87,7 +97,7 @@ def parse_query(params: Mapping[str, list[str]], *, tenant: str | None) -> Audit
             values[name] = given[0]
     status: int | None = None
     if "status" in values:
-        if values["status"].isdigit() and 100 <= int(values["status"]) <= 599:
+        if _DIGITS.fullmatch(values["status"]) and 100 <= int(values["status"]) <= 599:
             status = int(values["status"])
         else:
             problems.append("status must be an HTTP status code such as 403")
@@ -95,7 +105,7 @@ def parse_query(params: Mapping[str, list[str]], *, tenant: str | None) -> Audit
         problems.append("decision must be allowed or denied")
     limit = DEFAULT_LIMIT
     if "limit" in values:
-        if values["limit"].isdigit() and 1 <= int(values["limit"]) <= MAX_LIMIT:
+        if _DIGITS.fullmatch(values["limit"]) and 1 <= int(values["limit"]) <= MAX_LIMIT:
             limit = int(values["limit"])
         else:
             problems.append(f"limit must be a whole number from 1 to {MAX_LIMIT}")

@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, new_event_id, reason_for
+from mcpguard.audit.events import USER_AGENT_LIMIT, AuditEvent, bounded, new_event_id, reason_for
 from mcpguard.audit.query import AuditPage, AuditQuery
 from mcpguard.outcome import Outcome, decision_for, observe
 from mcpguard.request_state import RequestState, first_values, state_of
@@ -168,10 +168,10 @@ class AuditLayer:
             credential_id=principal.credential_id if principal is not None else None,
             client_id=principal.client_id if principal is not None else None,
             session=client.session,
-            rpc_method=message.method if message is not None else None,
-            tool=message.name if message is not None and message.method == "tools/call" else None,
+            rpc_method=bounded(message.method) if message is not None else None,
+            tool=bounded(message.name) if message is not None and message.method == "tools/call" else None,
             http_method=scope["method"],
-            path=scope["path"],
+            path=bounded(scope["path"]),
             status=status,
             rpc_error=outcome.rpc_error if outcome is not None else None,
             tool_error=outcome.tool_error if outcome is not None else None,
