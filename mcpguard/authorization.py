@@ -14,13 +14,36 @@ from mcpguard.pinning import strip_pinned_argument
 from mcpguard.principal import Principal
 from mcpguard.request_state import RequestState, header, state_of
 from mcpguard.scopes import READ, ScopePolicy
-from mcpguard.sse import EventSplitter, event_bytes, event_data
+from mcpguard.sse import EventSplitter, event_data, event_with_data
 from mcpguard.tool_catalog import ToolCatalog
 
 __all__ = ["ScopeLayer"]
 
-_LIST_CHANGED = b"notifications/tools/list_changed"
+_LIST_CHANGED = "notifications/tools/list_changed"
 _MAX_LISTING = 16 * 1024 * 1024
+# An SSE event the list_changed watcher holds back waiting for its end: a notification is far smaller.
+_MAX_WATCHED_EVENT = 64 * 1024
+
+
+def _same_id(payload: Mapping[str, Any], request_id: str | int) -> bool:
+    """Whether ``payload`` answers ``request_id``: the SDKs take "1" and 1 for the same request, so this does too."""
+    answered = payload.get("id")
+    if answered == request_id and type(answered) is not bool:
+        return True
+    return isinstance(answered, str | int) and not isinstance(answered, bool) and str(answered) == str(request_id)
+
+
+def _announces_list_changed(event: bytes) -> bool:
+    """Whether this SSE event is the server's ``notifications/tools/list_changed`` (however its JSON is written)."""
+    _, data = event_data(event)
+    # Only an event that could spell it (literally, or through \u escapes) is parsed.
+    if data is None or ("changed" not in data and "\\u" not in data):
+        return False
+    try:
+        payload = read_json(data)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("method") == _LIST_CHANGED and "id" not in payload
 
 
 class ScopeLayer:
@@ -65,29 +88,58 @@ class ScopeLayer:
             raise InsufficientScope(f"this call needs the {required} scope", required=(required,))
         message = state.message
         if message is not None and message.method == "tools/list" and message.id is not None:
-            send = _ListingFilter(send, self._policy, principal, message.id, self._pinned).send
+            send = _ListingFilter(send, self._policy, principal, message.id, self._pinned, self._catalog).send
         elif state.is_mcp:
             send = self._watch_list_changed(send)
         await self.app(scope, receive, send)
 
     def _watch_list_changed(self, send: Send) -> Send:
+        """``send``, watching an SSE answer for the server's list_changed (a JSON answer is one reply, never a
+        notification, so nothing a client echoes back through a tool can make the guard list the tools again)."""
         catalog = self._catalog
+        splitter: EventSplitter | None = None
 
         async def watched(message: Message) -> None:
-            if message["type"] == "http.response.body" and _LIST_CHANGED in message.get("body", b""):
-                catalog.invalidate()
+            nonlocal splitter
+            if message["type"] == "http.response.start":
+                if _content_type(message).startswith(b"text/event-stream"):
+                    splitter = EventSplitter()
+            elif splitter is not None and message["type"] == "http.response.body":
+                events = splitter.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    events += splitter.close()
+                if any(_announces_list_changed(event) for event in events):
+                    catalog.invalidate()
+                if splitter.pending_size > _MAX_WATCHED_EVENT:
+                    splitter = None  # an event this large is no notification: the stream is not watched further
             await send(message)
 
         return watched
+
+
+def _content_type(start: Message) -> bytes:
+    content_type = b""
+    for name, value in start.get("headers", []):
+        if name.lower() == b"content-type":
+            content_type = value.lower()
+    return content_type
 
 
 class _ListingFilter:
     """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
 
     def __init__(
-        self, send: Send, policy: ScopePolicy, principal: Principal, request_id: str | int, pinned: str | None
+        self,
+        send: Send,
+        policy: ScopePolicy,
+        principal: Principal,
+        request_id: str | int,
+        pinned: str | None,
+        catalog: ToolCatalog,
     ) -> None:
         self._send = send
+        self._catalog = catalog
+        self._ambiguous: frozenset[str] = frozenset()
         self._pinned = pinned
         self._policy = policy
         self._principal = principal
@@ -102,16 +154,19 @@ class _ListingFilter:
         if not isinstance(tool, Mapping):
             return False
         annotations = tool.get("annotations")
-        required = self._policy.for_tool(
-            str(tool.get("name", "")), annotations if isinstance(annotations, Mapping) else None
-        )
-        return self._policy.allows(self._principal.scopes, required)
+        name = str(tool.get("name", ""))
+        # A name listed twice is called as the stricter of its entries: shown only to who may call that.
+        if name in self._ambiguous or not isinstance(annotations, Mapping):
+            annotations = None
+        return self._policy.allows(self._principal.scopes, self._policy.for_tool(name, annotations))
 
     def _filter(self, payload: Any) -> Any:
-        if isinstance(payload, dict) and payload.get("id") == self._id and isinstance(payload.get("result"), dict):
+        if isinstance(payload, dict) and _same_id(payload, self._id) and isinstance(payload.get("result"), dict):
             result = payload["result"]
             tools = result.get("tools")
             if isinstance(tools, list):
+                names = [str(tool.get("name", "")) for tool in tools if isinstance(tool, Mapping)]
+                self._ambiguous = frozenset(name for name in names if names.count(name) > 1)
                 result["tools"] = [tool for tool in tools if self._allowed(tool)]
                 if self._pinned is not None:
                     for tool in result["tools"]:
@@ -124,7 +179,7 @@ class _ListingFilter:
 
     def _rewrite_event(self, event: bytes) -> bytes:
         # Whatever the event type, an answer to this request is filtered: a client may read any type.
-        kind, data = event_data(event)
+        _, data = event_data(event)
         if data is None:
             return event
         try:
@@ -132,23 +187,24 @@ class _ListingFilter:
         except NestedTooDeep:
             # JSON too deep to read may be the answer, and what we cannot read we cannot filter: even an event
             # that would have been a notification is replaced by the error, as failing closed must.
-            return event_bytes(kind, self._unreadable())
+            return event_with_data(event, self._unreadable())
         except ValueError:
             return event
-        if not (isinstance(payload, dict) and payload.get("id") == self._id):
+        if isinstance(payload, dict) and payload.get("method") == _LIST_CHANGED and "id" not in payload:
+            self._catalog.invalidate()
+        if not (isinstance(payload, dict) and _same_id(payload, self._id)):
             return event
-        return event_bytes(kind, json.dumps(self._filter(payload), separators=(",", ":")).encode())
+        return event_with_data(event, json.dumps(self._filter(payload), separators=(",", ":")).encode())
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            content_type = b""
-            for name, value in message.get("headers", []):
-                if name.lower() == b"content-type":
-                    content_type = value.lower()
-            if message["status"] == 200 and content_type.startswith(b"application/json"):
+            content_type = _content_type(message)
+            # Any success status: clients read a 201 or 202 answer as they read a 200.
+            success = 200 <= message["status"] < 300
+            if success and content_type.startswith(b"application/json"):
                 self._mode, self._start = "json", message
                 return
-            if message["status"] == 200 and content_type.startswith(b"text/event-stream"):
+            if success and content_type.startswith(b"text/event-stream"):
                 self._mode = "sse"
             await self._send(message)
             return

@@ -20,16 +20,30 @@ __all__ = ["PinningLayer", "strip_pinned_argument"]
 
 
 def strip_pinned_argument(tool: dict[str, Any], argument: str) -> None:
-    """Remove ``argument`` from the tool's input schema (its properties and required list), in place."""
-    schema = tool.get("inputSchema")
-    if not isinstance(schema, dict):
-        return
-    properties = schema.get("properties")
-    if isinstance(properties, dict):
-        properties.pop(argument, None)
-    required = schema.get("required")
-    if isinstance(required, list):
-        schema["required"] = [name for name in required if name != argument]
+    """Remove ``argument`` from the tool's input schema wherever it is named, in place: every ``properties`` and
+    ``required`` at any depth (under ``$defs``, ``allOf``, ``oneOf``, ``if``/``then`` as much as at the top), and
+    ``dependentRequired`` / ``dependentSchemas``."""
+    stack: list[Any] = [tool.get("inputSchema")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in ("properties", "dependentRequired", "dependentSchemas"):
+            named = node.get(key)
+            if isinstance(named, dict):
+                named.pop(argument, None)
+        required = node.get("required")
+        if isinstance(required, list) and argument in required:
+            node["required"] = [name for name in required if name != argument]
+        dependent = node.get("dependentRequired")
+        if isinstance(dependent, dict):
+            for key, names in dependent.items():
+                if isinstance(names, list) and argument in names:
+                    dependent[key] = [name for name in names if name != argument]
+        stack.extend(node.values())
 
 
 def _conflicts(value: Any, argument: str, tenant: str) -> bool:

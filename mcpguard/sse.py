@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["EventSplitter", "event_bytes", "event_data"]
+__all__ = ["EventSplitter", "event_bytes", "event_data", "event_with_data"]
 
 # SSE lines end in CRLF, LF or CR, mixed freely; an empty line ends an event.
 _LINE = re.compile(rb"\r\n|\n|\r")
@@ -61,7 +61,8 @@ def event_data(event: bytes) -> tuple[str | None, str | None]:
     kind: str | None = None
     data: list[str] = []
     for raw in _LINE.split(event):
-        line = raw.decode("utf-8", "replace")
+        # A byte order mark before a field is skipped, as EventSource readers skip one at the start of a stream.
+        line = raw.decode("utf-8", "replace").removeprefix("\ufeff")
         if not line or line.startswith(":"):
             continue
         name, _, value = line.partition(":")
@@ -77,3 +78,22 @@ def event_bytes(kind: str | None, data: bytes) -> bytes:
     """One event of type ``kind`` (``None``: the default type) whose data is ``data``, a single line."""
     head = b"event: " + kind.encode() + b"\r\n" if kind else b""
     return head + b"data: " + data + b"\r\n\r\n"
+
+
+def event_with_data(event: bytes, data: bytes) -> bytes:
+    """``event`` with its data lines replaced by one line holding ``data``, where the first of them was; every
+    other line (its type, ``id``, ``retry``, comments) kept as it came, so a client can still resume the stream."""
+    lines: list[bytes] = []
+    placed = False
+    for line in _LINE.split(event):
+        if not line:
+            continue
+        if line.removeprefix(b"\xef\xbb\xbf").split(b":", 1)[0] == b"data":
+            if not placed:
+                lines.append(b"data: " + data)
+                placed = True
+            continue
+        lines.append(line)
+    if not placed:
+        lines.append(b"data: " + data)
+    return b"\r\n".join(lines) + b"\r\n\r\n"

@@ -73,6 +73,8 @@ class ToolCatalog:
                 name = tool.get("name")
                 annotations = tool.get("annotations")
                 if isinstance(name, str):
-                    fresh[name] = annotations if isinstance(annotations, Mapping) else None
+                    # A name listed twice keeps no annotations (needs admin): which entry the server runs is unknown.
+                    listed_before = name in fresh
+                    fresh[name] = annotations if isinstance(annotations, Mapping) and not listed_before else None
             self._tools = fresh
             self._fetched_at = now

@@ -14,7 +14,7 @@ from typing import Any
 import argon2
 import pytest
 import uvicorn
-from starlette.types import ASGIApp, Message, Receive
+from starlette.types import ASGIApp, Message, Receive, Send
 
 from mcpguard import KeyRing, KeyStore
 
@@ -102,6 +102,13 @@ async def read_body(receive: Receive) -> bytes:
         chunks.append(message.get("body", b""))
         if not message.get("more_body"):
             return b"".join(chunks)
+
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Answer an ASGI lifespan until shutdown, for a test app with nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})
 
 
 def replaying(body: bytes, receive: Receive) -> Receive:

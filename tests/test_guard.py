@@ -32,7 +32,7 @@ from mcpguard import (
 )
 from mcpguard.audit import SQLiteAuditStore
 from mcpguard.keys import generate_key
-from tests.conftest import free_port, read_body, serve
+from tests.conftest import answer_lifespan, free_port, read_body, serve
 from tests.test_keys import checksummed
 
 TOOLS: list[Mapping[str, Any]] = [
@@ -68,9 +68,7 @@ class RecordingApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await answer_lifespan(receive, send)
             return
         body = await read_body(receive)
         principal = current_principal()
