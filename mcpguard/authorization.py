@@ -25,9 +25,12 @@ _MAX_LISTING = 16 * 1024 * 1024
 _MAX_WATCHED_EVENT = 64 * 1024
 
 
-def _same_id(payload: Mapping[str, Any], request_id: str | int) -> bool:
-    """Whether ``payload`` answers ``request_id``: the SDKs take "1" and 1 for the same request, so this does too."""
+def _same_id(payload: Mapping[str, Any], request_id: str | int | None) -> bool:
+    """Whether ``payload`` answers ``request_id`` (the SDKs take "1" and 1 for the same request, so this does too);
+    with ``None``, whether it answers any request at all."""
     answered = payload.get("id")
+    if request_id is None:
+        return answered is not None
     if answered == request_id and type(answered) is not bool:
         return True
     return isinstance(answered, str | int) and not isinstance(answered, bool) and str(answered) == str(request_id)
@@ -66,7 +69,7 @@ class ScopeLayer:
         if message is None or message.method is None:
             # GET stream, DELETE of one's own session, or a reply to a server request.
             return READ
-        required = self._policy.for_rpc(message.method)
+        required = self._policy.for_rpc(message.method, notification=message.id is None)
         if required is not None:
             return required
         name = message.name or ""
@@ -89,6 +92,10 @@ class ScopeLayer:
         message = state.message
         if message is not None and message.method == "tools/list" and message.id is not None:
             send = _ListingFilter(send, self._policy, principal, message.id, self._pinned, self._catalog).send
+        elif state.is_mcp and scope["method"] == "GET":
+            # The server's stream may replay earlier answers (resumption with Last-Event-ID): a tools/list answer
+            # among them is filtered as if it were asked now, whichever request it answered.
+            send = _ListingFilter(send, self._policy, principal, None, self._pinned, self._catalog).send
         elif state.is_mcp:
             send = self._watch_list_changed(send)
         await self.app(scope, receive, send)
@@ -126,14 +133,15 @@ def _content_type(start: Message) -> bytes:
 
 
 class _ListingFilter:
-    """Rewrites the answer to one ``tools/list`` request, JSON or SSE, keeping every other byte."""
+    """Rewrites the answer to one ``tools/list`` request (or, with no request id, every tools/list answer a server
+    stream replays), JSON or SSE, keeping every other byte."""
 
     def __init__(
         self,
         send: Send,
         policy: ScopePolicy,
         principal: Principal,
-        request_id: str | int,
+        request_id: str | int | None,
         pinned: str | None,
         catalog: ToolCatalog,
     ) -> None:

@@ -44,6 +44,8 @@ _HTTP_METHOD_SCOPES: Mapping[str, str] = {
 
 # Methods that only read or keep up the conversation. Everything not listed (and not a notification or
 # a `*/list`) needs admin, so a method added to the protocol later is refused until someone decides.
+# The spec's listings; another name ending in /list is a method the guard does not know.
+_LIST_METHODS = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list", "tasks/list"})
 _READ_METHODS = frozenset(
     {
         "initialize",
@@ -106,10 +108,14 @@ class ScopePolicy:
             return override
         return scope_for_annotations(annotations)
 
-    def for_rpc(self, method: str) -> str | None:
-        """The scope an MCP method needs, or ``None`` for ``tools/call`` (decided per tool)."""
+    def for_rpc(self, method: str, *, notification: bool = False) -> str | None:
+        """The scope an MCP method needs, or ``None`` for ``tools/call`` (decided per tool).
+
+        ``notifications/*`` need read only as notifications (no id): a request by such a name is no notification,
+        and like every method not known to only read, it needs admin.
+        """
         if method == "tools/call":
             return None
-        if method in _READ_METHODS or method.startswith("notifications/") or method.endswith("/list"):
+        if method in _READ_METHODS or method in _LIST_METHODS or (notification and method.startswith("notifications/")):
             return READ
         return ADMIN

@@ -110,9 +110,6 @@ class TestRpc:
             "resources/read",
             "prompts/get",
             "completion/complete",
-            "notifications/initialized",
-            "notifications/cancelled",
-            "notifications/roots/list_changed",
             "tools/list",
             "prompts/list",
             "resources/list",
@@ -122,6 +119,14 @@ class TestRpc:
     def test_reading_and_housekeeping_methods_need_read(self, method: str) -> None:
         """Handshake, ping, notifications, listings and reads need only read."""
         assert policy.for_rpc(method) == READ
+
+    @pytest.mark.parametrize(
+        "method", ["notifications/initialized", "notifications/cancelled", "notifications/roots/list_changed"]
+    )
+    def test_notifications_need_read_only_as_notifications(self, method: str) -> None:
+        """A notification needs read; a request (it carries an id) by the same name needs admin."""
+        assert policy.for_rpc(method, notification=True) == READ
+        assert policy.for_rpc(method) == ADMIN
 
     def test_tools_call_is_decided_per_tool(self) -> None:
         """tools/call has no method-level scope; the tool decides."""
@@ -141,6 +146,8 @@ class TestRpc:
             "initialize ",
             "notifications",
             "xnotifications/x",
+            "x/list",
+            "admin/users/list",
             "",
         ],
     )

@@ -434,3 +434,39 @@ def test_no_spelling_of_the_tenant_argument_reaches_another_tenant(demo: Guarded
     assert "globex-secret" not in response.text
     if response.status_code == 200:
         assert response.json()["result"]["structuredContent"]["result"] == []
+
+
+@pytest.mark.threat("T-SCOPE-ESCALATE")
+def test_tools_list_answer_replayed_on_the_server_stream_is_filtered() -> None:
+    """A tools/list answer the server replays on its GET stream (resuming with Last-Event-ID) reaches a read key
+    cut down to what it may call, like any tools/list answer; the stream's other events pass as they came."""
+    listing = answer(7, {"tools": [R("read_tool"), D("drop_tool")]})
+    progress = json.dumps({"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progress": 1}})
+    upstream = Upstream(pages=[[R("read_tool"), D("drop_tool")]], stream=[sse(listing, progress.encode())])
+    with guarded(upstream) as g:
+        headers = {"Authorization": f"Bearer {g.keys['read']}", "Accept": "text/event-stream", "Last-Event-ID": "3"}
+        streamed = httpx.get(g.url + "/mcp", headers=headers, timeout=10)
+    assert streamed.status_code == 200
+    assert "read_tool" in streamed.text
+    assert "drop_tool" not in streamed.text
+    assert "notifications/progress" in streamed.text
+
+
+@pytest.mark.threat("T-SCOPE-ESCALATE")
+@pytest.mark.parametrize(
+    ("method", "rid", "expected"),
+    [
+        ("notifications/cancelled", None, 202),
+        ("notifications/cancelled", 5, 403),
+        ("notifications/custom", 6, 403),
+        ("x/list", 7, 403),
+        ("resources/templates/list", 8, 200),
+    ],
+)
+def test_read_methods_by_name_alone_need_more(method: str, rid: Any, expected: int) -> None:
+    """A request (with an id) named like a notification, or any unknown method ending in /list, is a method
+    the guard does not know: a read key is refused it (403), while real notifications and listings pass."""
+    upstream = Upstream(pages=[[R("read_tool")]])
+    with guarded(upstream) as g:
+        answered = g.rpc("read", method, {}, rid=rid)
+    assert answered.status_code == expected, answered.text
