@@ -1,8 +1,9 @@
 """Tenant argument pinning: a tool argument such as ``tenant_id`` always carries the bound tenant.
 
 The argument disappears from every tool's input schema in ``tools/list``, so a model never sees it; on
-``tools/call`` the guard sets it to the credential's tenant. A client value that differs is refused,
-wherever it hides: another spelling of the key, another case, or deeper in the arguments.
+``tools/call`` (and ``prompts/get``, whose arguments fill a prompt) the guard sets it to the credential's
+tenant. A client value that differs is refused, wherever it hides: another spelling of the key, another
+case, or deeper in the arguments.
 """
 
 from __future__ import annotations
@@ -62,8 +63,13 @@ def _conflicts(value: Any, argument: str, tenant: str) -> bool:
     return False
 
 
+# The methods whose arguments a server fills a template or runs a tool with: a prompt is pinned as a tool is.
+_PINNED_METHODS = frozenset({"tools/call", "prompts/get"})
+
+
 class PinningLayer:
-    """Sets the pinned argument of every ``tools/call`` to the bound tenant, refusing any other value."""
+    """Sets the pinned argument of every ``tools/call`` and ``prompts/get`` to the bound tenant, refusing any
+    other value."""
 
     name = "pinning"
 
@@ -74,14 +80,14 @@ class PinningLayer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope)
         message, principal = state.message, state.principal
-        if message is None or message.method != "tools/call" or principal is None or state.body is None:
+        if message is None or message.method not in _PINNED_METHODS or principal is None or state.body is None:
             await self.app(scope, receive, send)
             return
         document = json.loads(state.body)
-        params = document["params"]
-        arguments = params.get("arguments", {})
+        params = document.get("params")
+        arguments = params.get("arguments", {}) if isinstance(params, dict) else None
         if not isinstance(arguments, Mapping):
-            raise InvalidRequest("tools/call arguments must be an object")
+            raise InvalidRequest(f"{message.method} arguments must be an object")
         if _conflicts(arguments, self._argument, principal.tenant):
             raise TenantMismatch(f"the {self._argument!r} argument names another tenant")
         params["arguments"] = {**arguments, self._argument: principal.tenant}

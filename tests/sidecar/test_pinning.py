@@ -140,3 +140,29 @@ def test_duplicate_tenant_key_refused(pinned: Pinned) -> None:
     )
     assert pinned.call("acme", "list_items", raw).status_code == 400
     assert len(pinned.capture.calls) == before
+
+
+def get_prompt(pinned: Pinned, label: str, arguments: dict[str, Any]) -> httpx.Response:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "prompts/get",
+        "params": {"name": "summarize_items", "arguments": arguments, "_meta": META},
+    }
+    headers = MODERN | {"Mcp-Method": "prompts/get", "Mcp-Name": "summarize_items", "Content-Type": "application/json"}
+    return httpx.post(
+        pinned.url + "/mcp", json=body, headers=headers | {"Authorization": f"Bearer {pinned.keys[label]}"}
+    )
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+def test_prompt_arguments_are_pinned_like_tool_arguments(pinned: Pinned) -> None:
+    """prompts/get fills a prompt from its arguments as a tool runs on its own: another tenant named there is
+    refused (403), and a prompt asked without one is built for the key's tenant."""
+    assert get_prompt(pinned, "acme", {"tenant_id": "globex"}).status_code == 403
+    assert get_prompt(pinned, "acme", {"Tenant_ID": "globex"}).status_code == 403
+    built = get_prompt(pinned, "acme", {})
+    assert built.status_code == 200, built.text
+    text = json.dumps(built.json()["result"])
+    assert "acme" in text
+    assert "globex" not in text
