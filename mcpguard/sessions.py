@@ -10,7 +10,7 @@ from typing import Protocol
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcpguard.errors import InvalidRequest, SessionNotFound
+from mcpguard.errors import InvalidRequest, SessionNotFound, UpstreamUnavailable
 from mcpguard.principal import Principal
 from mcpguard.request_state import request_headers, state_of
 
@@ -33,21 +33,39 @@ class SessionBindings(Protocol):
 
 
 class MemorySessionBindings:
-    """Bindings in this process, forgotten after ``idle_ttl`` seconds unused and bounded in number."""
+    """Bindings in this process, forgotten after ``idle_ttl`` seconds unused and bounded in number: in all, and per
+    owner to a tenth of that, so one principal opening sessions by the thousand pushes out only its own."""
 
     def __init__(
         self, *, idle_ttl: float = 24 * 3600, max_sessions: int = 100_000, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._idle_ttl = idle_ttl
         self._max = max_sessions
+        self._max_per_owner = max(1, max_sessions // 10)
         self._clock = clock
         self._owners: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # Each owner's sessions, oldest first.
+        self._by_owner: dict[str, OrderedDict[str, None]] = {}
+
+    def _forget(self, session_id: str) -> None:
+        entry = self._owners.pop(session_id, None)
+        if entry is None:
+            return
+        sessions = self._by_owner.get(entry[0])
+        if sessions is not None:
+            sessions.pop(session_id, None)
+            if not sessions:
+                del self._by_owner[entry[0]]
 
     async def bind(self, session_id: str, owner: str) -> None:
+        self._forget(session_id)
         self._owners[session_id] = (owner, self._clock() + self._idle_ttl)
-        self._owners.move_to_end(session_id)
+        sessions = self._by_owner.setdefault(owner, OrderedDict())
+        sessions[session_id] = None
+        while len(sessions) > self._max_per_owner:
+            self._forget(next(iter(sessions)))
         while len(self._owners) > self._max:
-            self._owners.popitem(last=False)
+            self._forget(next(iter(self._owners)))
 
     async def owner(self, session_id: str) -> str | None:
         entry = self._owners.get(session_id)
@@ -56,14 +74,15 @@ class MemorySessionBindings:
         owner, expires = entry
         now = self._clock()
         if now >= expires:
-            del self._owners[session_id]
+            self._forget(session_id)
             return None
         self._owners[session_id] = (owner, now + self._idle_ttl)
         self._owners.move_to_end(session_id)
+        self._by_owner[owner].move_to_end(session_id)
         return owner
 
     async def unbind(self, session_id: str) -> None:
-        self._owners.pop(session_id, None)
+        self._forget(session_id)
 
 
 def session_digest(session_id: str) -> str:
@@ -73,7 +92,8 @@ def session_digest(session_id: str) -> str:
 
 
 def _owner(principal: Principal) -> str:
-    return f"{principal.tenant}\x00{principal.credential_id}"
+    # The credential's kind too: a token's id (its grant or jti) is the issuer's to choose, and may equal a key's.
+    return f"{principal.tenant}\x00{principal.kind.value}\x00{principal.credential_id}"
 
 
 def _session_id(values: Sequence[bytes]) -> str | None:
@@ -117,6 +137,11 @@ class SessionLayer:
             headers = message.get("headers", ())
             opened = _session_id([value for name, value in headers if name.lower() == _SESSION_HEADER])
             if opened is not None:
+                bound = await bindings.owner(opened)
+                if bound is not None and bound != owner:
+                    # The server handed out an id that is someone else's session: rebinding it would give that
+                    # session to this caller, so the answer (and the id) never reaches them.
+                    raise UpstreamUnavailable("the upstream MCP server reissued a session id already in use")
                 await bindings.bind(opened, owner)
 
         await self.app(scope, receive, _on_success(send, bind))

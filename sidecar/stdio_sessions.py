@@ -8,6 +8,7 @@ idle, the process exits, or we shut down.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -101,12 +102,16 @@ class Session:
         "process",
         "progress",
         "reader",
+        "tenant",
         "write_lock",
     )
 
-    def __init__(self, session_id: str, process: asyncio.subprocess.Process, now: float) -> None:
+    def __init__(
+        self, session_id: str, process: asyncio.subprocess.Process, now: float, tenant: str | None = None
+    ) -> None:
         self.id = session_id
         self.process = process
+        self.tenant = tenant
         self.pending: dict[str, Channel] = {}  # by request id, oldest first
         self.progress: dict[str, str] = {}  # progress token → request id
         self.listener: Channel | None = None
@@ -151,6 +156,7 @@ class StdioSessions:
         } | dict(settings.env)
         self._sessions: dict[str, Session] = {}
         self._starting = 0
+        self._starting_for: collections.Counter[str | None] = collections.Counter()
         self._ending: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -172,11 +178,17 @@ class StdioSessions:
         """The live session with this id, if any."""
         return self._sessions.get(session_id)
 
-    async def start(self) -> Session | None:
-        """A new session with a process of its own, or ``None`` when ``max_sessions`` are live already."""
+    async def start(self, tenant: str | None = None) -> Session | None:
+        """A new session with a process of its own, or ``None`` when ``max_sessions`` are live already, or when
+        ``tenant`` holds half of them: one tenant opening sessions cannot leave the others none."""
         if len(self._sessions) + self._starting >= self.settings.max_sessions:
             return None
+        if tenant is not None:
+            held = sum(1 for session in self._sessions.values() if session.tenant == tenant)
+            if held + self._starting_for[tenant] >= max(1, self.settings.max_sessions // 2):
+                return None
         self._starting += 1
+        self._starting_for[tenant] += 1
         try:
             process = await asyncio.create_subprocess_exec(
                 *self.settings.argv,
@@ -193,7 +205,10 @@ class StdioSessions:
             raise UpstreamUnavailable("the upstream MCP server command could not be started") from None
         finally:
             self._starting -= 1
-        session = Session(secrets.token_hex(16), process, self._clock())
+            self._starting_for[tenant] -= 1
+            if not self._starting_for[tenant]:
+                del self._starting_for[tenant]
+        session = Session(secrets.token_hex(16), process, self._clock(), tenant)
         self._sessions[session.id] = session
         session.reader = asyncio.create_task(self._read(session))
         self.start_reaper()

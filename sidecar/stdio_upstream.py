@@ -24,6 +24,7 @@ from mcpguard import (
     event_bytes,
     read_body,
     send_json,
+    state_of,
 )
 from sidecar.stdio_sessions import Channel, ChannelItem, Failure, Message, Session, StdioSessions, StdioSettings
 
@@ -131,7 +132,7 @@ class StdioUpstream:
             if is_request and message["method"] == "initialize":
                 # Its answer is one message, so JSON unless the client can only read a stream.
                 only_sse = accepts_sse and b"application/json" not in accept and b"*/*" not in accept
-                await self._initialize(rid, line, only_sse, receive, send)
+                await self._initialize(rid, line, only_sse, _tenant(scope), receive, send)
             else:
                 await _no_session(send, rid, headers.get(b"mcp-protocol-version"))
             return
@@ -150,8 +151,10 @@ class StdioUpstream:
             else:
                 raise UpstreamUnavailable("the upstream MCP server is no longer running")
 
-    async def _initialize(self, rid: Any, line: bytes, sse: bool, receive: Receive, send: Send) -> None:
-        session = await self._sessions.start()
+    async def _initialize(
+        self, rid: Any, line: bytes, sse: bool, tenant: str | None, receive: Receive, send: Send
+    ) -> None:
+        session = await self._sessions.start(tenant)
         if session is None:
             await _error(
                 send, 503, rid, "too many open sessions", code=_INTERNAL_ERROR, reason="temporarily_unavailable"
@@ -321,3 +324,12 @@ async def _no_session(send: Send, rid: Any, version: bytes | None) -> None:
         "data": {"supported": list(_HANDSHAKE_VERSIONS), "requested": requested},
     }
     await send_json(send, 400, {"jsonrpc": "2.0", "id": rid, "error": error})
+
+
+def _tenant(scope: Scope) -> str | None:
+    """The tenant a session is opened for: the guard's principal's, or none (the guard's own tools/list)."""
+    try:
+        principal = state_of(scope).principal
+    except KeyError:  # an exchange of the guard's own, run without the guard around it
+        return None
+    return principal.tenant if principal is not None else None

@@ -94,6 +94,16 @@ def make_keys(store: KeyStore, specs: Mapping[str, tuple[str, Sequence[str]]]) -
     return asyncio.run(create())
 
 
+# A 2025-11-25 initialize, and the headers its era's requests carry.
+LEGACY_INITIALIZE = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+}
+LEGACY_HEADERS = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+
+
 async def read_body(receive: Receive) -> bytes:
     """The whole request body, as a test app behind the guard receives it."""
     chunks: list[bytes] = []

@@ -30,7 +30,7 @@ from mcpguard.audit import SQLiteAuditStore
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
 from sidecar.proxy import ProxySettings
-from tests.conftest import cheap_keyring, free_port, make_keys, serve
+from tests.conftest import LEGACY_HEADERS, LEGACY_INITIALIZE, cheap_keyring, free_port, make_keys, serve
 
 MODES = ["legacy", "auto"]
 UPSTREAM_SECRET = "upstream-credential-not-for-clients"
@@ -206,13 +206,7 @@ def list_tools_with(stack: Stack, headers: dict[str, str]) -> httpx.Response:
 @pytest.mark.threat("T-SESSION-HIJACK")
 def test_session_hijack_through_sidecar_refused(stack: Stack) -> None:
     """A legacy session opened by one key is 404 for another key and nothing reaches the upstream."""
-    init = {
-        "jsonrpc": "2.0",
-        "id": 1,
-        "method": "initialize",
-        "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-    }
-    common = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+    init, common = LEGACY_INITIALIZE, LEGACY_HEADERS
     owner = {"Authorization": f"Bearer {stack.keys['admin']}"}
     opened = httpx.post(stack.url + "/mcp", json=init, headers=common | owner)
     session = opened.headers["mcp-session-id"]

@@ -23,18 +23,13 @@ from mcp.shared.exceptions import MCPError
 from mcpguard import GuardConfig, open_store
 from sidecar.app import SidecarApp, build_stdio_sidecar
 from sidecar.stdio_upstream import StdioSettings, StdioUpstream
-from tests.conftest import cheap_keyring, free_port, make_keys, serve
+from tests.conftest import LEGACY_HEADERS, LEGACY_INITIALIZE, cheap_keyring, free_port, make_keys, serve
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = (sys.executable, "-m", "sidecar.demo_server", "--stdio")
 MODES = ["legacy", "auto"]
-INIT = {
-    "jsonrpc": "2.0",
-    "id": 1,
-    "method": "initialize",
-    "params": {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
-}
-LEGACY = {"Accept": "application/json, text/event-stream", "MCP-Protocol-Version": "2025-11-25"}
+INIT = LEGACY_INITIALIZE
+LEGACY = LEGACY_HEADERS
 
 
 @dataclass
