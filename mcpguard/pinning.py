@@ -1,9 +1,9 @@
 """Tenant argument pinning: a tool argument such as ``tenant_id`` always carries the bound tenant.
 
 The argument disappears from every tool's input schema in ``tools/list``, so a model never sees it; on
-``tools/call`` (and ``prompts/get``, whose arguments fill a prompt) the guard sets it to the credential's
-tenant. A client value that differs is refused, wherever it hides: another spelling of the key, another
-case, or deeper in the arguments.
+``tools/call`` (and ``prompts/get``, whose arguments fill a prompt, and among a completion's context
+arguments) the guard sets it to the credential's tenant. A client value that differs is refused, wherever
+it hides: another spelling of the key, another case, or deeper in the arguments.
 """
 
 from __future__ import annotations
@@ -63,19 +63,38 @@ def _conflicts(value: Any, argument: str, tenant: str) -> bool:
     return False
 
 
-# The methods whose arguments a server fills a template or runs a tool with: a prompt is pinned as a tool is.
-_PINNED_METHODS = frozenset({"tools/call", "prompts/get"})
+# The methods whose arguments a server fills a template or runs a tool with (a prompt is pinned as a tool is),
+# and completion, which a server answers from the arguments already given.
+_PINNED_METHODS = frozenset({"tools/call", "prompts/get", "completion/complete"})
 
 
 class PinningLayer:
-    """Sets the pinned argument of every ``tools/call`` and ``prompts/get`` to the bound tenant, refusing any
-    other value."""
+    """Sets the pinned argument of every ``tools/call``, ``prompts/get`` and completion context to the bound tenant,
+    refusing any other value, and refuses to complete the pinned argument itself."""
 
     name = "pinning"
 
     def __init__(self, app: ASGIApp, *, argument: str) -> None:
         self.app = app
         self._argument = argument
+
+    def _pinned(self, arguments: Any, method: str, tenant: str) -> dict[str, Any]:
+        if not isinstance(arguments, Mapping):
+            raise InvalidRequest(f"{method} arguments must be an object")
+        if _conflicts(arguments, self._argument, tenant):
+            raise TenantMismatch(f"the {self._argument!r} argument names another tenant")
+        return {**arguments, self._argument: tenant}
+
+    def _pin_completion(self, params: dict[str, Any], tenant: str) -> None:
+        argument = params.get("argument")
+        if isinstance(argument, Mapping) and str(argument.get("name", "")).casefold() == self._argument.casefold():
+            # Completing it would list tenants that share the caller's prefix; its one value is the caller's own.
+            raise TenantMismatch(f"the {self._argument!r} argument is set by the guard and is not completed")
+        # The arguments already given, which a server completes from: always the caller's tenant among them.
+        context = params.setdefault("context", {})
+        if not isinstance(context, dict):
+            raise InvalidRequest("completion/complete context must be an object")
+        context["arguments"] = self._pinned(context.get("arguments", {}), "completion/complete context", tenant)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope)
@@ -85,12 +104,12 @@ class PinningLayer:
             return
         document = json.loads(state.body)
         params = document.get("params")
-        arguments = params.get("arguments", {}) if isinstance(params, dict) else None
-        if not isinstance(arguments, Mapping):
-            raise InvalidRequest(f"{message.method} arguments must be an object")
-        if _conflicts(arguments, self._argument, principal.tenant):
-            raise TenantMismatch(f"the {self._argument!r} argument names another tenant")
-        params["arguments"] = {**arguments, self._argument: principal.tenant}
+        if not isinstance(params, dict):
+            raise InvalidRequest(f"{message.method} params must be an object")
+        if message.method == "completion/complete":
+            self._pin_completion(params, principal.tenant)
+        else:
+            params["arguments"] = self._pinned(params.get("arguments", {}), message.method, principal.tenant)
         # Re-serialised once, here; the parse layer hands the app whatever state.body holds.
         try:
             state.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()

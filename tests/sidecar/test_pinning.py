@@ -26,10 +26,11 @@ META = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontex
 
 @dataclass
 class BodyCapture:
-    """Records the tools/call bodies the upstream receives."""
+    """Records the tools/call bodies (and every JSON-RPC body) the upstream receives."""
 
     app: Any
     calls: list[dict[str, Any]] = field(default_factory=list)
+    documents: list[dict[str, Any]] = field(default_factory=list)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -37,6 +38,7 @@ class BodyCapture:
             return
         body = await read_body(receive)
         document = json.loads(body)
+        self.documents.append(document)
         if document.get("method") == "tools/call":
             self.calls.append(document)
         await self.app(scope, replaying(body, receive), send)
@@ -166,3 +168,29 @@ def test_prompt_arguments_are_pinned_like_tool_arguments(pinned: Pinned) -> None
     text = json.dumps(built.json()["result"])
     assert "acme" in text
     assert "globex" not in text
+
+
+def complete(pinned: Pinned, params: dict[str, Any]) -> httpx.Response:
+    body = {"jsonrpc": "2.0", "id": 1, "method": "completion/complete", "params": params | {"_meta": META}}
+    headers = MODERN | {"Mcp-Method": "completion/complete", "Content-Type": "application/json"}
+    return httpx.post(
+        pinned.url + "/mcp", json=body, headers=headers | {"Authorization": f"Bearer {pinned.keys['acme']}"}
+    )
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+def test_completion_never_completes_across_tenants(pinned: Pinned) -> None:
+    """A completion request is answered from the arguments already given: another tenant named there is refused
+    (403), the caller's own is always among them when it reaches the server, and the pinned argument itself is
+    never completed (that would list the tenants sharing a prefix)."""
+    ref = {"type": "ref/prompt", "name": "summarize_items"}
+    item = {"name": "text", "value": "a"}
+    before = len(pinned.capture.documents)
+    assert complete(pinned, {"ref": ref, "argument": {"name": "tenant_id", "value": "g"}}).status_code == 403
+    assert complete(pinned, {"ref": ref, "argument": {"name": "TENANT_ID", "value": "g"}}).status_code == 403
+    named = {"ref": ref, "argument": item, "context": {"arguments": {"tenant_id": "globex"}}}
+    assert complete(pinned, named).status_code == 403
+    assert pinned.capture.documents[before:] == []
+    complete(pinned, {"ref": ref, "argument": item})
+    (sent,) = [d for d in pinned.capture.documents[before:] if d.get("method") == "completion/complete"]
+    assert sent["params"]["context"]["arguments"] == {"tenant_id": "acme"}
