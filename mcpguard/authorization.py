@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InsufficientScope
 from mcpguard.json_input import NestedTooDeep, read_json
-from mcpguard.pinning import strip_pinned_argument
+from mcpguard.pinning import strip_pinned_argument, strip_pinned_prompt_argument
 from mcpguard.principal import Principal
 from mcpguard.request_state import RequestState, header, state_of
 from mcpguard.scopes import READ, ScopePolicy
@@ -61,6 +61,8 @@ class ScopeLayer:
         self._policy = policy
         self._catalog = catalog
         self._pinned = pinned_argument
+        # The answers rewritten: tools/list always; prompts/list when a pinned argument is to be hidden from it.
+        self._listings = frozenset({"tools/list", "prompts/list"} if pinned_argument is not None else {"tools/list"})
 
     async def _required(self, scope: Scope, state: RequestState) -> str:
         if not state.is_mcp:
@@ -90,7 +92,7 @@ class ScopeLayer:
         if not self._policy.allows(principal.scopes, required):
             raise InsufficientScope(f"this call needs the {required} scope", required=(required,))
         message = state.message
-        if message is not None and message.method == "tools/list" and message.id is not None:
+        if message is not None and message.id is not None and message.method in self._listings:
             send = _ListingFilter(send, self._policy, principal, message.id, self._pinned, self._catalog).send
         elif state.is_mcp and scope["method"] == "GET":
             # The server's stream may replay earlier answers (resumption with Last-Event-ID): a tools/list answer
@@ -133,8 +135,8 @@ def _content_type(start: Message) -> bytes:
 
 
 class _ListingFilter:
-    """Rewrites the answer to one ``tools/list`` request (or, with no request id, every tools/list answer a server
-    stream replays), JSON or SSE, keeping every other byte."""
+    """Rewrites the answer to one ``tools/list`` (or, with a pinned argument, ``prompts/list``) request, or, with no
+    request id, every such answer a server stream replays, JSON or SSE, keeping every other byte."""
 
     def __init__(
         self,
@@ -179,10 +181,14 @@ class _ListingFilter:
                 if self._pinned is not None:
                     for tool in result["tools"]:
                         strip_pinned_argument(tool, self._pinned)
+            prompts = result.get("prompts")
+            if self._pinned is not None and isinstance(prompts, list):
+                for prompt in prompts:
+                    strip_pinned_prompt_argument(prompt, self._pinned)
         return payload
 
     def _unreadable(self) -> bytes:
-        error = {"code": -32603, "message": "the server's tools/list answer could not be read"}
+        error = {"code": -32603, "message": "the server's listing could not be read"}
         return json.dumps({"jsonrpc": "2.0", "id": self._id, "error": error}, separators=(",", ":")).encode()
 
     def _rewrite_event(self, event: bytes) -> bytes:

@@ -1,9 +1,10 @@
 """Tenant argument pinning: a tool argument such as ``tenant_id`` always carries the bound tenant.
 
-The argument disappears from every tool's input schema in ``tools/list``, so a model never sees it; on
-``tools/call`` (and ``prompts/get``, whose arguments fill a prompt, and among a completion's context
-arguments) the guard sets it to the credential's tenant. A client value that differs is refused, wherever
-it hides: another spelling of the key, another case, or deeper in the arguments.
+The argument disappears from every tool's input schema in ``tools/list`` (and every prompt's arguments in
+``prompts/list``), so a model never sees it; on ``tools/call`` (and ``prompts/get``, whose arguments fill
+a prompt, and among a completion's context arguments) the guard sets it to the credential's tenant. A
+client value that differs is refused, wherever it hides: another spelling of the key, another case, or
+deeper in the arguments.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mcpguard.errors import InvalidRequest, TenantMismatch
 from mcpguard.request_state import state_of
 
-__all__ = ["PinningLayer", "strip_pinned_argument"]
+__all__ = ["PinningLayer", "strip_pinned_argument", "strip_pinned_prompt_argument"]
 
 
 def strip_pinned_argument(tool: dict[str, Any], argument: str) -> None:
@@ -45,6 +46,18 @@ def strip_pinned_argument(tool: dict[str, Any], argument: str) -> None:
                 if isinstance(names, list) and argument in names:
                     dependent[key] = [name for name in names if name != argument]
         stack.extend(node.values())
+
+
+def strip_pinned_prompt_argument(prompt: Any, argument: str) -> None:
+    """Remove ``argument`` (in any case) from a ``prompts/list`` entry's arguments, in place."""
+    arguments = prompt.get("arguments") if isinstance(prompt, dict) else None
+    if isinstance(arguments, list):
+        folded = argument.casefold()
+        prompt["arguments"] = [
+            entry
+            for entry in arguments
+            if not (isinstance(entry, Mapping) and str(entry.get("name", "")).casefold() == folded)
+        ]
 
 
 def _conflicts(value: Any, argument: str, tenant: str) -> bool:

@@ -194,3 +194,14 @@ def test_completion_never_completes_across_tenants(pinned: Pinned) -> None:
     complete(pinned, {"ref": ref, "argument": item})
     (sent,) = [d for d in pinned.capture.documents[before:] if d.get("method") == "completion/complete"]
     assert sent["params"]["context"]["arguments"] == {"tenant_id": "acme"}
+
+
+@pytest.mark.threat("T-TENANT-SPOOF")
+def test_pinned_argument_hidden_from_prompts_list(pinned: Pinned) -> None:
+    """No prompt offers tenant_id to the client either: prompts/list answers lose it, whatever else they list."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "prompts/list", "params": {"_meta": META}}
+    headers = MODERN | {"Mcp-Method": "prompts/list", "Authorization": f"Bearer {pinned.keys['acme']}"}
+    prompts = httpx.post(pinned.url + "/mcp", json=body, headers=headers).json()["result"]["prompts"]
+    (summarize,) = [prompt for prompt in prompts if prompt["name"] == "summarize_items"]
+    assert "arguments" in summarize
+    assert [argument["name"] for argument in summarize["arguments"]] == []
