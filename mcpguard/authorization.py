@@ -9,6 +9,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard.errors import InsufficientScope
+from mcpguard.headers import response_content_type
 from mcpguard.json_input import NestedTooDeep, read_json
 from mcpguard.pinning import strip_pinned_argument, strip_pinned_prompt_argument
 from mcpguard.principal import Principal
@@ -43,9 +44,13 @@ def _announces_list_changed(event: bytes) -> bool:
     if data is None or ("changed" not in data and "\\u" not in data):
         return False
     try:
-        payload = read_json(data)
+        return _is_list_changed(read_json(data))
     except ValueError:
         return False
+
+
+def _is_list_changed(payload: Any) -> bool:
+    """Whether ``payload`` is the notification (no id) that the server's tools changed."""
     return isinstance(payload, dict) and payload.get("method") == _LIST_CHANGED and "id" not in payload
 
 
@@ -111,7 +116,7 @@ class ScopeLayer:
         async def watched(message: Message) -> None:
             nonlocal splitter
             if message["type"] == "http.response.start":
-                if _content_type(message).startswith(b"text/event-stream"):
+                if response_content_type(message).startswith(b"text/event-stream"):
                     splitter = EventSplitter()
             elif splitter is not None and message["type"] == "http.response.body":
                 events = splitter.feed(message.get("body", b""))
@@ -124,14 +129,6 @@ class ScopeLayer:
             await send(message)
 
         return watched
-
-
-def _content_type(start: Message) -> bytes:
-    content_type = b""
-    for name, value in start.get("headers", []):
-        if name.lower() == b"content-type":
-            content_type = value.lower()
-    return content_type
 
 
 class _ListingFilter:
@@ -204,7 +201,7 @@ class _ListingFilter:
             return event_with_data(event, self._unreadable())
         except ValueError:
             return event
-        if isinstance(payload, dict) and payload.get("method") == _LIST_CHANGED and "id" not in payload:
+        if _is_list_changed(payload):
             self._catalog.invalidate()
         if not (isinstance(payload, dict) and _same_id(payload, self._id)):
             return event
@@ -212,7 +209,7 @@ class _ListingFilter:
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
-            content_type = _content_type(message)
+            content_type = response_content_type(message)
             # Any success status: clients read a 201 or 202 answer as they read a 200.
             success = 200 <= message["status"] < 300
             if success and content_type.startswith(b"application/json"):

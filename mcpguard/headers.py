@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-__all__ = ["HeaderIndex", "header_index"]
+__all__ = ["HeaderIndex", "header_index", "response_content_type"]
 
 # Each lower-case name's values, in the order they were sent.
 HeaderIndex = dict[bytes, list[bytes]]
@@ -21,3 +22,12 @@ def header_index(headers: Iterable[tuple[bytes, bytes]]) -> HeaderIndex:
         else:
             values.append(value)
     return index
+
+
+def response_content_type(start: Mapping[str, Any]) -> bytes:
+    """The lower-cased ``Content-Type`` of an ``http.response.start`` message (its last, if sent twice), or ``b""``."""
+    content_type = b""
+    for name, value in start.get("headers", ()):
+        if name.lower() == b"content-type":
+            content_type = value.lower()
+    return content_type

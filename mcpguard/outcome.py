@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from starlette.types import Message, Scope, Send
 
+from mcpguard.headers import response_content_type
 from mcpguard.json_input import read_json
 from mcpguard.request_state import state_of
 from mcpguard.sse import EventSplitter, event_data
@@ -39,10 +40,7 @@ class Outcome:
 
     def start(self, message: Message) -> None:
         self.status = message["status"]
-        content_type = b""
-        for key, value in message.get("headers", []):
-            if key.lower() == b"content-type":
-                content_type = value.lower()
+        content_type = response_content_type(message)
         if self.rpc_id is None:
             return
         if content_type.startswith(b"text/event-stream"):

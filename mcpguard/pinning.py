@@ -48,16 +48,16 @@ def strip_pinned_argument(tool: dict[str, Any], argument: str) -> None:
         stack.extend(node.values())
 
 
+def _names(entry: Any, argument: str) -> bool:
+    """Whether ``entry`` (a prompt's argument, a completion's) is named ``argument``, in any case."""
+    return isinstance(entry, Mapping) and str(entry.get("name", "")).casefold() == argument.casefold()
+
+
 def strip_pinned_prompt_argument(prompt: Any, argument: str) -> None:
     """Remove ``argument`` (in any case) from a ``prompts/list`` entry's arguments, in place."""
     arguments = prompt.get("arguments") if isinstance(prompt, dict) else None
     if isinstance(arguments, list):
-        folded = argument.casefold()
-        prompt["arguments"] = [
-            entry
-            for entry in arguments
-            if not (isinstance(entry, Mapping) and str(entry.get("name", "")).casefold() == folded)
-        ]
+        prompt["arguments"] = [entry for entry in arguments if not _names(entry, argument)]
 
 
 def _conflicts(value: Any, argument: str, tenant: str) -> bool:
@@ -99,8 +99,7 @@ class PinningLayer:
         return {**arguments, self._argument: tenant}
 
     def _pin_completion(self, params: dict[str, Any], tenant: str) -> None:
-        argument = params.get("argument")
-        if isinstance(argument, Mapping) and str(argument.get("name", "")).casefold() == self._argument.casefold():
+        if _names(params.get("argument"), self._argument):
             # Completing it would list tenants that share the caller's prefix; its one value is the caller's own.
             raise TenantMismatch(f"the {self._argument!r} argument is set by the guard and is not completed")
         # The arguments already given, which a server completes from: always the caller's tenant among them.

@@ -155,7 +155,7 @@ class StdioSessions:
             if (value := os.environ.get(name)) is not None and not value.startswith("()")
         } | dict(settings.env)
         self._sessions: dict[str, Session] = {}
-        self._starting = 0
+        # Processes being started, by the tenant they are for.
         self._starting_for: collections.Counter[str | None] = collections.Counter()
         self._ending: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
@@ -181,13 +181,12 @@ class StdioSessions:
     async def start(self, tenant: str | None = None) -> Session | None:
         """A new session with a process of its own, or ``None`` when ``max_sessions`` are live already, or when
         ``tenant`` holds half of them: one tenant opening sessions cannot leave the others none."""
-        if len(self._sessions) + self._starting >= self.settings.max_sessions:
+        if len(self._sessions) + self._starting_for.total() >= self.settings.max_sessions:
             return None
         if tenant is not None:
             held = sum(1 for session in self._sessions.values() if session.tenant == tenant)
             if held + self._starting_for[tenant] >= max(1, self.settings.max_sessions // 2):
                 return None
-        self._starting += 1
         self._starting_for[tenant] += 1
         try:
             process = await asyncio.create_subprocess_exec(
@@ -204,7 +203,6 @@ class StdioSessions:
             logger.warning("the upstream command could not be started: %s", exc.strerror or type(exc).__name__)
             raise UpstreamUnavailable("the upstream MCP server command could not be started") from None
         finally:
-            self._starting -= 1
             self._starting_for[tenant] -= 1
             if not self._starting_for[tenant]:
                 del self._starting_for[tenant]
