@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard.errors import AuthenticationRequired, InvalidToken
 from mcpguard.principal import Principal
-from mcpguard.ratelimit import FailedAuthLimiter, client_ip
+from mcpguard.ratelimit import FailedAuthLimiter, address_group, client_ip
 from mcpguard.request_state import request_headers, state_of
 
 __all__ = ["AuthenticationLayer", "CredentialVerifier", "RememberingVerifier"]
@@ -102,7 +102,7 @@ class AuthenticationLayer:
         elif verifier is self._for_keys[0]:
             # One key check at a time per address, each after the failures before it are counted: a burst of guesses
             # sent at once cannot all pass the limit's read before the first of them is refused.
-            async with self._one_at_a_time.hold(ip):
+            async with self._one_at_a_time.hold(address_group(ip)):
                 await self._failed_auth.check(ip)
                 state_of(scope).principal = await self._verify(verifier, credential, ip)
         else:

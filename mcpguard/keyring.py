@@ -25,7 +25,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from mcpguard.errors import InvalidToken
 from mcpguard.keys import generate_key, parse_key
-from mcpguard.principal import CredentialKind, Principal
+from mcpguard.principal import TENANT_RULE, CredentialKind, Principal, is_tenant_name
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE
 from mcpguard.stores.base import KeyRecord, KeyStore
 
@@ -34,7 +34,6 @@ __all__ = ["KeyRing"]
 _log = logging.getLogger(__name__)
 
 _KNOWN_SCOPES = (READ, WRITE, ADMIN, AUDIT)
-_TENANT = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # Printable ASCII only: the name becomes the subject, which travels to the upstream in a header.
 _NAME = re.compile(r"[ -~]{1,128}")
 
@@ -99,8 +98,8 @@ class KeyRing:
     ) -> tuple[str, KeyRecord]:
         """A new key of ``tenant`` as ``(key, record)``: the key is returned here once and never stored."""
         granted = _checked_scopes(scopes)
-        if not _TENANT.fullmatch(tenant):
-            raise ValueError("a tenant is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'")
+        if not is_tenant_name(tenant):
+            raise ValueError(TENANT_RULE)
         if name is not None and not _NAME.fullmatch(name):
             raise ValueError("a key name is 1 to 128 printable ASCII characters")
         created_at = self._now()

@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import enum
+import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-__all__ = ["CredentialKind", "Principal", "bound_principal", "current_principal"]
+__all__ = ["TENANT_RULE", "CredentialKind", "Principal", "bound_principal", "current_principal", "is_tenant_name"]
+
+# One rule for every credential's tenant (a key's, a user's, a token's claim): the name travels in a header to
+# the upstream, names the path of a per-tenant URL and keys the rate-limit counters, so it is plain ASCII.
+_TENANT = re.compile(r"[A-Za-z0-9._-]{1,128}")
+TENANT_RULE = "a tenant is 1 to 128 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+
+
+def is_tenant_name(value: str) -> bool:
+    """Whether ``value`` is a tenant name every part of the guard can carry as it is."""
+    return _TENANT.fullmatch(value) is not None
 
 
 class CredentialKind(enum.StrEnum):

@@ -31,7 +31,15 @@ from mcpguard.errors import RateLimited, StorageUnavailable
 from mcpguard.principal import Principal
 from mcpguard.request_state import request_headers, state_of
 
-__all__ = ["FailedAuthLimiter", "RateLimitLayer", "RateLimits", "Strategy", "client_ip", "open_limiter_storage"]
+__all__ = [
+    "FailedAuthLimiter",
+    "RateLimitLayer",
+    "RateLimits",
+    "Strategy",
+    "address_group",
+    "client_ip",
+    "open_limiter_storage",
+]
 
 Strategy = Literal["sliding-window", "moving-window"]
 
@@ -51,6 +59,9 @@ _SWEEP_SECONDS = 1.0
 # limits' in-process store schedules its sweep through this (name-mangled) method.
 _SCHEDULE_SWEEP = "_MemoryStorage__schedule_expiry"
 _UNKNOWN_CLIENT = "unknown"
+# After a store error, failed-authentication checks fail at once for this long (about one store timeout), so
+# calls queued behind each other (key checks run one at a time per address) do not each wait out a stalled store.
+_STORE_RETRY_SECONDS = 1.0
 
 _Check = tuple[RateLimitItem, tuple[str, ...]]
 
@@ -315,9 +326,29 @@ def client_ip(scope: Scope, trusted_proxies: frozenset[str]) -> str:
     return nearest
 
 
+def address_group(ip: str) -> str:
+    """Whose failed authentications ``ip``'s count with: its own for IPv4, its /64 for IPv6.
+
+    An IPv6 client is routinely given a whole /64 and can pick any address in it, so counting per address
+    would give it 2**64 fresh budgets; an IPv4-mapped address counts as the IPv4 address it is.
+    """
+    if ":" not in ip:
+        return ip
+    try:
+        address = ipaddress.IPv6Address(ip)
+    except ValueError:
+        return ip
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
 class FailedAuthLimiter:
-    """Counts failed authentications per client IP, so an IP over its limit is refused before any credential is
-    verified (and costs no argon2)."""
+    """Counts failed authentications per client address (per /64 for IPv6: ``address_group``), so an address over its
+    limit is refused before any credential is verified (and costs no argon2).
+
+    While the store fails, checks fail closed (503) at once for about a second after each error, rather than each
+    waiting out the store's timeout."""
 
     def __init__(
         self,
@@ -335,9 +366,16 @@ class FailedAuthLimiter:
         self._item = item
         self._limiter = _limiter(storage if storage is not None else open_limiter_storage("memory://"), strategy)
         self._fail_open = fail_open
+        self._down_until = 0.0
+
+    def _key(self, ip: str) -> tuple[str, str]:
+        if not self._fail_open and time.monotonic() < self._down_until:
+            raise StorageUnavailable("the rate-limit store is unavailable; try again shortly")
+        return "failed-auth", _key_part(address_group(ip))
 
     def _storage_failed(self, exc: Exception) -> None:
         if not self._fail_open:
+            self._down_until = time.monotonic() + _STORE_RETRY_SECONDS
             raise StorageUnavailable("the rate-limit store is unavailable; try again shortly") from exc
         _log.warning(
             "rate-limit store unavailable (%s); failed authentication not limited (fail_open)", type(exc).__name__
@@ -345,8 +383,9 @@ class FailedAuthLimiter:
 
     async def check(self, ip: str) -> None:
         """Raise ``RateLimited`` if ``ip`` has used up its failed authentications (one store read)."""
+        key = self._key(ip)
         try:
-            stats = await self._limiter.get_window_stats(self._item, "failed-auth", _key_part(ip))
+            stats = await self._limiter.get_window_stats(self._item, *key)
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return
@@ -359,11 +398,11 @@ class FailedAuthLimiter:
         One atomic store call, so concurrent attempts cannot all slip past a read of the counter; for
         checks a person makes rarely (signing in), where counting successes too costs nothing.
         """
+        key = self._key(ip)
         try:
-            allowed = await self._limiter.hit(self._item, "failed-auth", _key_part(ip))
-            if allowed:
+            if await self._limiter.hit(self._item, *key):
                 return
-            stats = await self._limiter.get_window_stats(self._item, "failed-auth", _key_part(ip))
+            stats = await self._limiter.get_window_stats(self._item, *key)
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)
             return
@@ -371,7 +410,8 @@ class FailedAuthLimiter:
 
     async def record_failure(self, ip: str) -> None:
         """Count one failed authentication from ``ip`` (one store call)."""
+        key = self._key(ip)
         try:
-            await self._limiter.hit(self._item, "failed-auth", _key_part(ip))
+            await self._limiter.hit(self._item, *key)
         except _STORAGE_ERRORS as exc:
             self._storage_failed(exc)

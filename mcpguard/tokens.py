@@ -23,7 +23,7 @@ from jwt.types import Options
 
 from mcpguard.errors import InvalidToken, StorageUnavailable
 from mcpguard.json_input import read_json
-from mcpguard.principal import CredentialKind, Principal
+from mcpguard.principal import CredentialKind, Principal, is_tenant_name
 
 __all__ = ["GrantCheck", "JWTVerifier", "TokenVerifier", "VerificationKeys"]
 
@@ -246,8 +246,12 @@ class JWTVerifier:
         subject = _text(claims, "sub")
         token_id = _text(claims, "jti")
         client_id = _optional_text(claims, "client_id") or _optional_text(claims, "azp") or subject
+        tenant = _text(claims, self._tenant_claim)
+        if not is_tenant_name(tenant):
+            # Refused, not repaired: whatever the issuer meant, no other tenant may come of it.
+            raise InvalidToken(f"token claim {self._tenant_claim} is not a tenant name")
         return Principal(
-            tenant=_text(claims, self._tenant_claim),
+            tenant=tenant,
             subject=subject,
             # The grant id lets one revocation stop every access token of the grant.
             credential_id=_optional_text(claims, "gid") or token_id,

@@ -304,15 +304,22 @@ class TestFailedAuthLimiter:
         asyncio.run(scenario())
 
     @pytest.mark.threat("T-KEY-GUESS")
-    def test_ipv6_addresses_are_counted_apart(self) -> None:
-        """Addresses are separate counters even when they contain characters limits uses in keys."""
+    @pytest.mark.threat("T-KEY-GUESS")
+    def test_ipv6_addresses_count_per_64(self) -> None:
+        """An IPv6 client picks any address of its /64, so the /64 shares one budget; other /64s, and an IPv4-mapped
+        address against its IPv4 twin, count as the addresses they are."""
 
         async def scenario() -> None:
             limiter = FailedAuthLimiter(limit="1/minute")
             await limiter.record_failure("2001:db8::1")
+            for same_64 in ("2001:db8::1", "2001:db8::2", "2001:db8:0:0:ffff:ffff:ffff:ffff"):
+                with pytest.raises(RateLimited):
+                    await limiter.check(same_64)
+            await limiter.check("2001:db8:0:1::1")
+            await limiter.record_failure("::ffff:192.0.2.7")
             with pytest.raises(RateLimited):
-                await limiter.check("2001:db8::1")
-            await limiter.check("2001:db8::2")
+                await limiter.check("192.0.2.7")
+            await limiter.check("192.0.2.8")
 
         asyncio.run(scenario())
 

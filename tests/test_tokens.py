@@ -135,6 +135,18 @@ def test_configured_tenant_claim(key: Ed25519PrivateKey) -> None:
     assert verify(verifier, sign(key, claims(org="globex"))).tenant == "globex"
 
 
+@pytest.mark.threat("T-TENANT-SPOOF")
+@pytest.mark.parametrize(
+    "tenant",
+    ["acme\ud800", "acme corp", "acme/globex", "acme\r\nx-mcpguard-tenant: globex", "ácme", "a" * 129],
+)
+def test_tenant_claim_that_is_not_a_tenant_name_is_refused(key: Ed25519PrivateKey, tenant: str) -> None:
+    """A tenant claim outside the tenant-name rule is refused, never repaired into some tenant."""
+    verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=key.public_key())
+    assert "tenant" in refusal(verifier, sign(key, claims(tenant=tenant)))
+    assert verify(verifier, sign(key, claims(tenant="a" * 128))).tenant == "a" * 128
+
+
 def test_pem_public_key(key: Ed25519PrivateKey) -> None:
     """A PEM public key works as the static key."""
     verifier = JWTVerifier(issuer=ISSUER, audience=AUDIENCE, key=public_pem(key).decode())

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import re
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -63,20 +64,24 @@ _UNAVAILABLE = "audit store unavailable"
 _PING_TIMEOUT = 2.0
 _FAILURES = (psycopg.Error, OSError, TimeoutError)
 # What the server refuses in one entry (a repeated id, a number out of range) without anything being down.
-_REFUSED = (psycopg.DataError, psycopg.IntegrityError)
-# PostgreSQL text cannot hold NUL, which a client can put in a path or a tool name; it is kept visibly replaced.
-_NUL, _NUL_REPLACEMENT = "\x00", "\ufffd"
+# A value past a server limit (a tenant too long for its index) is refused as one entry too, not as an outage.
+_REFUSED = (psycopg.DataError, psycopg.IntegrityError, psycopg.errors.ProgramLimitExceeded)
+# PostgreSQL text holds neither NUL nor a lone surrogate (a JSON escape such as \\ud800 in a client's method or
+# tool name decodes to one, which UTF-8 cannot encode): either is kept visibly replaced.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_REPLACEMENT = "\ufffd"
 
 
 def _storable(value: Any) -> Any:
-    return value.replace(_NUL, _NUL_REPLACEMENT) if isinstance(value, str) else value
+    return _UNSTORABLE.sub(_REPLACEMENT, value) if isinstance(value, str) else value
 
 
 class PostgresAuditStore:
     """Append-only audit events in one PostgreSQL table; ``operation_timeout`` bounds each commit and query.
 
-    A server that stops answering fails the operation after that bound (plus psycopg's few seconds for
-    cancelling it in the server), so the guard fails closed rather than waiting.
+    A server that stops answering fails the operation after that bound (its connection dropped there and then),
+    so the guard fails closed rather than waiting. An entry the server refuses, or psycopg cannot send, fails
+    alone: never the other entries of its commit, nor the writer every later call needs.
     """
 
     def __init__(self, url: str, *, operation_timeout: float = 10.0, connect_timeout: int = 5) -> None:
@@ -166,55 +171,57 @@ class PostgresAuditStore:
 
     async def _commit(self, batch: list[_Pending]) -> None:
         rows = [row for row, _ in batch]
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout_at(deadline):
                 if self._writer is None or self._writer.closed:
                     self._writer = await self._connect()
-                if len(rows) == 1:
-                    # Autocommit: the insert is its own transaction, one round trip for an idle guard.
-                    await self._writer.execute(_INSERT, rows[0])
-                else:
-                    writer = self._writer
-                    async with writer.transaction(), writer.cursor() as cursor, cursor.copy(_COPY) as copy:
-                        for row in rows:
-                            await copy.write_row(row)
-        except _REFUSED as exc:
-            if len(batch) == 1:
-                logger.warning("audit entry refused by the database, not recorded (%s)", type(exc).__name__)
-                _settle(batch[0][1], StorageUnavailable(_UNAVAILABLE))
-                return
-            # One entry the server refuses must not cost every other call in its commit.
-            for pending in batch:
-                await self._commit([pending])
-            return
+            await _within(deadline, self._writer, _insert(self._writer, rows))
         except _FAILURES as exc:
+            if not isinstance(exc, _REFUSED):
+                await _discard(self._writer)
+                self._writer = None
+                # Durable callers learn it from their exception; the others' loss must not be silent, nor flood the log.
+                if not self._failing:
+                    logger.warning("audit store unavailable (%s): entries are not being recorded", type(exc).__name__)
+                    self._failing = True
+                for _, future in batch:
+                    _settle(future, exc)
+                return
+            refused: Exception = exc
+        except Exception as exc:
+            # Neither an outage nor the server's refusal (a value psycopg cannot send, or a bug): it costs its own
+            # entries, never the writer, which every later call needs. The connection is in an unknown state.
             await _discard(self._writer)
             self._writer = None
-            # Durable callers learn it from their exception; the others' loss must not be silent, nor flood the log.
-            if not self._failing:
-                logger.warning("audit store unavailable (%s): entries are not being recorded", type(exc).__name__)
-                self._failing = True
+            refused = exc
+        else:
+            if self._failing:
+                logger.warning("audit store available again")
+                self._failing = False
+            self.commits += 1
             for _, future in batch:
-                _settle(future, exc)
+                _settle(future, None)
             return
-        if self._failing:
-            logger.warning("audit store available again")
-            self._failing = False
-        self.commits += 1
-        for _, future in batch:
-            _settle(future, None)
+        if len(batch) == 1:
+            logger.warning("audit entry refused, not recorded (%s)", type(refused).__name__)
+            _settle(batch[0][1], refused)
+            return
+        # One entry the server refuses must not cost every other call in its commit.
+        for pending in batch:
+            await self._commit([pending])
 
     async def _read(self, work: Callable[[_Cursor], Awaitable[_T]]) -> _T:
         if self._closed:
             raise StorageUnavailable(_UNAVAILABLE)
         self._bind()
         async with self._read_lock:
+            deadline = asyncio.get_running_loop().time() + self._timeout
             try:
-                async with asyncio.timeout(self._timeout):
+                async with asyncio.timeout_at(deadline):
                     if self._reader is None or self._reader.closed:
                         self._reader = await self._connect()
-                    async with self._reader.cursor() as cursor:
-                        return await work(cursor)
+                return await _within(deadline, self._reader, _on_cursor(self._reader, work))
             except _FAILURES as exc:
                 await _discard(self._reader)
                 self._reader = None
@@ -270,6 +277,43 @@ class PostgresAuditStore:
             self._reader = None
         await _discard(self._writer)
         self._writer = None
+
+
+async def _insert(writer: _Connection, rows: list[tuple[Any, ...]]) -> None:
+    if len(rows) == 1:
+        # Autocommit: the insert is its own transaction, one round trip for an idle guard.
+        await writer.execute(_INSERT, rows[0])
+        return
+    async with writer.transaction(), writer.cursor() as cursor, cursor.copy(_COPY) as copy:
+        for row in rows:
+            await copy.write_row(row)
+
+
+async def _on_cursor(conn: _Connection, work: Callable[[_Cursor], Awaitable[_T]]) -> _T:
+    async with conn.cursor() as cursor:
+        return await work(cursor)
+
+
+async def _within(deadline: float, conn: _Connection, work: Coroutine[Any, Any, _T]) -> _T:
+    """``work`` on ``conn``, or ``TimeoutError`` at ``deadline`` (loop time) with ``conn`` closed there and then.
+
+    Cancelled, psycopg would first ask the server to cancel the statement and then wait for it, five seconds
+    each: for a server that accepts connections but has stopped answering, ten seconds more per call.
+    """
+    task = asyncio.ensure_future(work)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+    except BaseException:
+        task.cancel()
+        raise
+    if task not in done:
+        conn.pgconn.finish()  # psycopg sees a broken connection, not a running statement, and cancels nothing
+        task.cancel()
+        await asyncio.wait((task,))
+        if not task.cancelled():
+            task.exception()  # read, so it is not reported as never retrieved
+        raise TimeoutError
+    return task.result()
 
 
 def _settle(future: asyncio.Future[None] | None, failure: BaseException | None) -> None:

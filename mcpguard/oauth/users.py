@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from mcpguard.principal import TENANT_RULE, is_tenant_name
 from mcpguard.scopes import ADMIN, AUDIT, READ, WRITE
 from mcpguard.stores.base import UserRecord, UserStore
 
@@ -73,6 +74,8 @@ class LocalUsers:
             raise ValueError("email must be an address")
         if not tenant_list:
             raise ValueError("a user needs at least one tenant")
+        if not all(map(is_tenant_name, tenant_list)):
+            raise ValueError(TENANT_RULE)
         if not scope_set or not set(scope_set) <= _KNOWN_SCOPES:
             raise ValueError(f"scopes must be some of {sorted(_KNOWN_SCOPES)}")
         _check_password(password)

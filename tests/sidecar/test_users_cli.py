@@ -145,6 +145,7 @@ class TestUsers:
         [
             ("short", (), "a password has 12 to 1024 characters"),
             (PASSWORD, ("--scopes", "mcp:root"), "scopes must be some of"),
+            (PASSWORD, ("--tenant", "acme corp"), "a tenant is 1 to 128 characters"),
         ],
     )
     def test_invalid_user_is_an_error_that_quotes_no_password(
@@ -156,7 +157,8 @@ class TestUsers:
         extra: tuple[str, ...],
         message: str,
     ) -> None:
-        """A short password or an unknown scope exits 1 with the reason, and nothing is stored."""
+        """A short password, an unknown scope or a tenant outside the tenant-name rule exits 1 with the reason, and
+        nothing is stored."""
         status, out, err = add(monkeypatch, capsys, state, "a@acme.test", "--tenant", "acme", *extra, password=password)
         assert status == 1
         assert message in err
