@@ -82,8 +82,10 @@ class ScopeLayer:
         name = message.name or ""
         override = self._policy.tool_overrides.get(name)
         if override is not None:
+            state.known_tool = True
             return override
         known, annotations = await self._catalog.lookup(name, host=header(scope, b"host"))
+        state.known_tool = known
         # A tool the server never listed needs admin: nothing the client says can lower that.
         return self._policy.for_tool(name, annotations) if known else self._policy.for_tool(name, None)
 

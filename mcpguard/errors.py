@@ -29,6 +29,7 @@ Descriptions are written for the client and never contain credential material.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
@@ -210,11 +211,19 @@ class PayloadTooLarge(MCPGuardError):
 
 
 class MethodNotAllowed(MCPGuardError):
-    """The HTTP method is not one the MCP endpoint serves."""
+    """The HTTP method is not one the endpoint serves; ``allowed`` are those it does (the ``Allow`` header)."""
 
     error_code = "method_not_allowed"
     status = 405
     jsonrpc_code = INVALID_REQUEST
+
+    def __init__(self, description: str, *, allowed: Sequence[str]) -> None:
+        super().__init__(description)
+        self.allowed = tuple(allowed)
+
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        """``Allow``, which a 405 must carry (RFC 9110 §15.5.6)."""
+        return [(b"allow", ", ".join(self.allowed).encode())]
 
 
 class RateLimited(MCPGuardError):

@@ -15,6 +15,7 @@ from mcp.shared.inbound import decode_header_value
 
 from mcpguard.errors import HeaderMismatch, InvalidRequest
 from mcpguard.headers import header_index
+from mcpguard.json_input import is_text
 
 __all__ = ["NAME_PARAMS", "RpcMessage", "parse_message"]
 
@@ -59,6 +60,9 @@ def _no_constant(name: str) -> Any:
 
 # Built once: json.loads with options would build a decoder (and its scanner) for every request.
 _STRICT = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+# What the guard records and routes on (the method, the name, the id) must be text the trail, the telemetry and
+# the upstream's headers can carry: a lone surrogate escape is valid JSON but no Unicode text.
+_NOT_TEXT = "JSON-RPC {} holds a lone surrogate escape, which is not Unicode text"
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -106,6 +110,8 @@ def _request_id(obj: Mapping[str, Any]) -> RequestId | None:
     rid = obj["id"]
     if isinstance(rid, bool) or not isinstance(rid, str | int):
         raise InvalidRequest("JSON-RPC id must be a string or an integer")
+    if isinstance(rid, str) and not is_text(rid):
+        raise InvalidRequest(_NOT_TEXT.format("id"))
     return rid
 
 
@@ -157,6 +163,8 @@ def parse_message(body: bytes, headers: Headers, *, max_depth: int = 64) -> RpcM
         method = value["method"]
         if not isinstance(method, str) or not method:
             raise InvalidRequest("JSON-RPC method must be a non-empty string")
+        if not is_text(method):
+            raise InvalidRequest(_NOT_TEXT.format("method"))
         if "result" in value or "error" in value:
             raise InvalidRequest("a JSON-RPC message cannot be both a request and a response")
         name: str | None = None
@@ -165,6 +173,8 @@ def parse_message(body: bytes, headers: Headers, *, max_depth: int = 64) -> RpcM
             target = params.get(name_param) if params is not None else None
             if not isinstance(target, str):
                 raise InvalidRequest(f"{method} needs params.{name_param} as a string", jsonrpc_code=INVALID_PARAMS)
+            if not is_text(target):
+                raise InvalidRequest(_NOT_TEXT.format(f"params.{name_param}"), jsonrpc_code=INVALID_PARAMS)
             name = target
         kind: Literal["request", "notification"] = "request" if rid is not None else "notification"
         message = RpcMessage(kind=kind, method=method, id=rid, name=name, params=params)

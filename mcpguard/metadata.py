@@ -51,7 +51,7 @@ class PublicRoutes:
             resource_path = path[len(WELL_KNOWN) :] or self._config.mcp_path
             if self._router.route(resource_path) is not None:
                 if scope["method"] not in ("GET", "HEAD"):
-                    raise MethodNotAllowed("metadata is read-only")
+                    raise MethodNotAllowed("metadata is read-only", allowed=("GET", "HEAD"))
                 cors = [(b"access-control-allow-origin", b"*")]
                 await send_json(send, 200, self._metadata(resource_path), extra_headers=cors)
                 return

@@ -88,7 +88,7 @@ class ParseLayer:
             return
         method = scope["method"]
         if method not in _MCP_METHODS:
-            raise MethodNotAllowed(f"{method} is not served on the MCP endpoint")
+            raise MethodNotAllowed(f"{method} is not served on the MCP endpoint", allowed=sorted(_MCP_METHODS))
         if method != "POST":
             if _declares_body(scope):
                 # Decided by method alone (no message), so a body here would reach the app unread by the guard.

@@ -32,6 +32,8 @@ class RequestState:
     body: bytes | None = None
     principal: Principal | None = None
     required_scope: str | None = None
+    # Whether the tool of a tools/call is one the server listed or the operator named (not the client's invention).
+    known_tool: bool = False
     response_started: bool = False
     # The wire code of the refusal the guard answered with, if it refused.
     refusal: str | None = None

@@ -22,6 +22,8 @@ async def send_json(
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"cache-control", b"no-store"),
+        # Bodies can carry client-chosen text (tool names, user agents): never to be sniffed as something else.
+        (b"x-content-type-options", b"nosniff"),
         *(extra_headers or []),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})

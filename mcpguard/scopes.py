@@ -62,6 +62,25 @@ _READ_METHODS = frozenset(
 )
 
 
+# Every method name of the protocol a client sends to a server: what telemetry names as it is (any other name is
+# the client's own choice, which must not mint metric series).
+MCP_METHODS = frozenset(
+    {
+        "tools/call",
+        "tasks/get",
+        "tasks/result",
+        "tasks/cancel",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+        "notifications/tasks/status",
+        *_LIST_METHODS,
+        *_READ_METHODS,
+    }
+)
+
+
 def scope_for_annotations(annotations: Mapping[str, Any] | None) -> str:
     """The scope a tool needs from its MCP annotations, with the spec's defaults for missing hints."""
     if annotations is None:

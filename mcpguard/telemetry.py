@@ -27,10 +27,11 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.util.types import AttributeValue
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcpguard.audit.events import reason_for
+from mcpguard.audit.events import bounded, reason_for
 from mcpguard.config import ConfigError, GuardConfig
 from mcpguard.outcome import Outcome, decision_for, observe
 from mcpguard.request_state import RequestState, request_headers, state_of
+from mcpguard.scopes import MCP_METHODS
 from mcpguard.sessions import session_digest
 
 __all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
@@ -39,9 +40,12 @@ _INSTRUMENTATION = "mcpguard"
 _SESSION = b"mcp-session-id"
 # The MCP semantic conventions' advised boundaries for mcp.server.operation.duration, in seconds.
 _DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-# Tool names and request ids are the client's choice: cut so one request cannot bloat every span it makes.
+# Tool names and request ids are the client's choice: cut so one request cannot bloat every span it makes (a
+# method and a path are cut as the audit trail cuts them).
 _CLIENT_VALUE_LIMIT = 128
 _TARGETS = {"tools/call": "gen_ai.tool.name", "prompts/get": "gen_ai.prompt.name"}
+# A method the protocol does not name is measured under this one name (as OpenTelemetry's HTTP conventions do).
+_OTHER_METHOD = "_OTHER"
 # The OTLP package still names its log exporter module as private, while the logs signal settles.
 _LOG_EXPORTER = "opentelemetry.exporter.otlp.proto.http._log_exporter"
 
@@ -116,7 +120,7 @@ class TelemetryLayer:
             scope["method"],
             context=parent,
             kind=trace.SpanKind.SERVER,
-            attributes={"http.request.method": scope["method"], "url.path": scope["path"]},
+            attributes={"http.request.method": scope["method"], "url.path": bounded(scope["path"])},
             # Exception messages can quote what a request carried; only the exception's type is recorded.
             record_exception=False,
             set_status_on_exception=False,
@@ -140,7 +144,7 @@ class TelemetryLayer:
         elapsed: float,
     ) -> None:
         message, principal, refusal = state.message, state.principal, state.refusal
-        method = message.method if message is not None else None
+        method = bounded(message.method) if message is not None else None
         target_key = _TARGETS.get(method) if method is not None else None
         name = message.name if message is not None and target_key is not None else None
         target = name[:_CLIENT_VALUE_LIMIT] if name is not None else None
@@ -179,9 +183,11 @@ class TelemetryLayer:
             span.set_status(trace.Status(trace.StatusCode.ERROR))
 
         if method is not None:
-            measured: dict[str, AttributeValue] = {"mcp.method.name": method}
-            # Only an allowed call names its tool here: refused callers could otherwise mint metric series at will.
-            if method == "tools/call" and target is not None and decision == "allowed":
+            named = method if method in MCP_METHODS else _OTHER_METHOD
+            measured: dict[str, AttributeValue] = {"mcp.method.name": named}
+            # Only an allowed call of a tool the server listed names it here: refused callers, or an admin's calls of
+            # made-up names, could otherwise mint metric series at will.
+            if method == "tools/call" and target is not None and decision == "allowed" and state.known_tool:
                 measured["gen_ai.tool.name"] = target
             if error is not None:
                 measured["error.type"] = error

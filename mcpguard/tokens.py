@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from jwt.types import Options
 
 from mcpguard.errors import InvalidToken, StorageUnavailable
-from mcpguard.json_input import read_json
+from mcpguard.json_input import is_text, read_json
 from mcpguard.principal import CredentialKind, Principal, is_tenant_name
 
 __all__ = ["GrantCheck", "JWTVerifier", "TokenVerifier", "VerificationKeys"]
@@ -306,7 +306,8 @@ def _optional_text(claims: Mapping[str, Any], name: str) -> str | None:
     value = claims.get(name)
     if value is None:
         return None
-    if not isinstance(value, str) or not value:
+    if not isinstance(value, str) or not value or not is_text(value):
+        # A lone surrogate escape would reach the identity headers and the audit trail, which cannot hold it.
         raise InvalidToken(f"token claim {name} malformed")
     return value
 

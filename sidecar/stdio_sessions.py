@@ -33,6 +33,8 @@ _INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", 
 # Server messages kept for a GET stream that is not open yet, and queued per stream for a slow client.
 _BACKLOG = 256
 _MAX_QUEUED = 1024
+# How long, once a server has exited, a line it wrote before is waited for (it is normally buffered already).
+_EXIT_GRACE = 0.5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,6 +159,7 @@ class StdioSessions:
         self._sessions: dict[str, Session] = {}
         # Processes being started, by the tenant they are for.
         self._starting_for: collections.Counter[str | None] = collections.Counter()
+        self._ending_for: collections.Counter[str | None] = collections.Counter()
         self._ending: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.Task[None] | None = None
 
@@ -171,8 +174,11 @@ class StdioSessions:
         return tuple(session.process.pid for session in list(self._sessions.values()))
 
     def command_available(self) -> bool:
-        """Whether the command's executable exists and may be run."""
-        return shutil.which(self.settings.argv[0], path=self._env.get("PATH")) is not None
+        """Whether the command's executable exists and may be run (a relative path from where it is started)."""
+        command = self.settings.argv[0]
+        if os.sep in command and not os.path.isabs(command) and self.settings.cwd is not None:
+            command = os.path.join(self.settings.cwd, command)
+        return shutil.which(command, path=self._env.get("PATH")) is not None
 
     def get(self, session_id: str) -> Session | None:
         """The live session with this id, if any."""
@@ -181,14 +187,16 @@ class StdioSessions:
     async def start(self, tenant: str | None = None) -> Session | None:
         """A new session with a process of its own, or ``None`` when ``max_sessions`` are live already, or when
         ``tenant`` holds half of them: one tenant opening sessions cannot leave the others none."""
-        if len(self._sessions) + self._starting_for.total() >= self.settings.max_sessions:
+        # A process still being stopped (a server slow to exit) holds its place until it is gone.
+        if len(self._sessions) + self._starting_for.total() + self._ending_for.total() >= self.settings.max_sessions:
             return None
         if tenant is not None:
             held = sum(1 for session in self._sessions.values() if session.tenant == tenant)
-            if held + self._starting_for[tenant] >= max(1, self.settings.max_sessions // 2):
+            if held + self._starting_for[tenant] + self._ending_for[tenant] >= max(1, self.settings.max_sessions // 2):
                 return None
         self._starting_for[tenant] += 1
         try:
+            _keep_descriptors_from_children()
             process = await asyncio.create_subprocess_exec(
                 *self.settings.argv,
                 stdin=asyncio.subprocess.PIPE,
@@ -234,8 +242,9 @@ class StdioSessions:
         except TimeoutError:
             self.end(session, Failure("the upstream MCP server stopped reading its input"))
             return False
-        except ConnectionError:
-            # Usually the process has exited: the reader then ends the session with its exit status.
+        except (ConnectionError, RuntimeError):
+            # Usually the process has exited (uvloop says so with a RuntimeError on its closed pipe): the reader then
+            # ends the session with its exit status.
             if not await _exited(session.process, 1.0):
                 self.end(session, Failure("the upstream MCP server closed its input"))
             return False
@@ -251,9 +260,16 @@ class StdioSessions:
             channel.offer(failure)
         if session.listener is not None:
             session.listener.offer(None)
+        self._ending_for[session.tenant] += 1
         task = asyncio.create_task(self._terminate(session))
         self._ending.add(task)
-        task.add_done_callback(self._ending.discard)
+        task.add_done_callback(lambda done: self._ended(done, session.tenant))
+
+    def _ended(self, task: asyncio.Task[None], tenant: str | None) -> None:
+        self._ending.discard(task)
+        self._ending_for[tenant] -= 1
+        if not self._ending_for[tenant]:
+            del self._ending_for[tenant]
 
     def start_reaper(self) -> None:
         """Make sure idle sessions are being looked for."""
@@ -271,13 +287,26 @@ class StdioSessions:
             await asyncio.gather(*self._ending, return_exceptions=True)
 
     async def _read(self, session: Session) -> None:
-        """Route every message the process writes, until it closes its output."""
+        """Route every message the process writes, until it closes its output or exits.
+
+        A process can exit with its output still open (a child it started holds it): the session then ends with
+        the process, once what it wrote before exiting has been read.
+        """
         stdout = session.process.stdout
         failure = Failure("the upstream MCP server closed its output")
+        exited = asyncio.ensure_future(session.process.wait())
+        reading: asyncio.Future[bytes] | None = None
         try:
             while stdout is not None:
+                reading = asyncio.ensure_future(stdout.readline())
+                await asyncio.wait((reading, exited), return_when=asyncio.FIRST_COMPLETED)
+                if not reading.done():
+                    # What it wrote before exiting is buffered already; a line still missing after this is a child's.
+                    await asyncio.wait((reading,), timeout=_EXIT_GRACE)
+                    if not reading.done():
+                        break
                 try:
-                    line = await stdout.readline()
+                    line = reading.result()
                 except ValueError:
                     failure = Failure("the upstream MCP server sent a message larger than the limit")
                     return
@@ -285,11 +314,14 @@ class StdioSessions:
                     break
                 self._route(session, line.replace(b"\r", b"").strip())
             try:
-                status = await asyncio.wait_for(session.process.wait(), 1.0)
+                status = await asyncio.wait_for(asyncio.shield(exited), 1.0)
             except TimeoutError:
                 return
             failure = Failure(f"the upstream MCP server exited (status {status})")
         finally:
+            if reading is not None:
+                reading.cancel()
+            exited.cancel()
             self.end(session, failure)
 
     def _route(self, session: Session, line: bytes) -> None:
@@ -344,6 +376,25 @@ class StdioSessions:
             for session in list(self._sessions.values()):
                 if session.active == 0 and now - session.last_active >= timeout:
                     self.end(session, Failure("the session was idle too long"))
+
+
+def _keep_descriptors_from_children() -> None:
+    """Mark every open descriptor but the standard three close-on-exec, so no server process inherits one.
+
+    Python opens its own that way, but a launcher or a library may leave some inheritable, and uvloop's
+    subprocess_exec ignores ``close_fds``: each tenant's server would hold what the sidecar holds.
+    """
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        try:
+            descriptors = [int(name) for name in os.listdir(listing)]
+        except (OSError, ValueError):
+            continue
+        for fd in descriptors:
+            if fd > 2:
+                with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
+                    if os.get_inheritable(fd):
+                        os.set_inheritable(fd, False)
+        return
 
 
 def _key(value: Any) -> str:

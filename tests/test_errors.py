@@ -56,7 +56,7 @@ class TestStatusAndCodes:
             (InvalidRequest("x"), 400, "invalid_request", -32600),
             (HeaderMismatch("x"), 400, "invalid_request", -32020),
             (PayloadTooLarge("x"), 413, "request_too_large", -32600),
-            (MethodNotAllowed("x"), 405, "method_not_allowed", -32600),
+            (MethodNotAllowed("x", allowed=("GET",)), 405, "method_not_allowed", -32600),
             (StorageUnavailable("x"), 503, "temporarily_unavailable", -32005),
         ],
         ids=lambda value: type(value).__name__ if isinstance(value, MCPGuardError) else None,

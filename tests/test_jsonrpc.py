@@ -469,3 +469,28 @@ def _utf16_units(char: str) -> list[int]:
     """The UTF-16 code units JSON uses to \\u-escape ``char``."""
     encoded = char.encode("utf-16-be", "surrogatepass")
     return [int.from_bytes(encoded[i : i + 2], "big") for i in range(0, len(encoded), 2)]
+
+
+@pytest.mark.threat("T-AUDIT-GAP")
+@pytest.mark.parametrize(
+    "body",
+    [
+        rb'{"jsonrpc":"2.0","id":1,"method":"tools/\ud800"}',
+        rb'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x\udfff"}}',
+        rb'{"jsonrpc":"2.0","id":"\ud83d","method":"ping"}',
+        rb'{"jsonrpc":"2.0","id":"\ude00","result":{}}',
+    ],
+)
+def test_lone_surrogate_in_what_is_recorded_is_refused(body: bytes) -> None:
+    """Valid JSON, but no Unicode text: a lone surrogate in the method, the name or the id never reaches the
+    audit trail, the telemetry or a header, where it cannot be written."""
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        parse_message(body, [])
+
+
+def test_surrogate_pair_escapes_are_text() -> None:
+    """A pair of escapes is one character (an emoji, say), and such a name is accepted as it is."""
+    body = rb'{"jsonrpc":"2.0","id":"\ud83d\ude00","method":"tools/call","params":{"name":"smile\ud83d\ude00"}}'
+    message = parse_message(body, [])
+    assert message.name == "smile\U0001f600"
+    assert message.id == "\U0001f600"

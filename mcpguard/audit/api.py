@@ -27,6 +27,7 @@ from mcpguard.audit.events import AuditEvent
 from mcpguard.audit.query import TENANT_PARAMETER, AuditQuery, parse_query
 from mcpguard.audit.recorder import AuditStore
 from mcpguard.errors import InsufficientScope, InvalidRequest, MethodNotAllowed, TenantMismatch
+from mcpguard.principal import CredentialKind
 from mcpguard.request_state import request_headers, state_of
 from mcpguard.responses import send_json
 from mcpguard.scopes import AUDIT, ScopePolicy
@@ -199,14 +200,15 @@ class AuditAPI:
             await self.app(scope, receive, send)
             return
         if scope["method"] not in ("GET", "HEAD"):
-            raise MethodNotAllowed("the audit trail is read-only")
+            raise MethodNotAllowed("the audit trail is read-only", allowed=("GET", "HEAD"))
         principal = state_of(scope).principal
         if principal is None:  # pragma: no cover - the authentication layer always runs first
             raise RuntimeError("audit query without a principal")
         if not self._policy.allows(principal.scopes, AUDIT):
             raise InsufficientScope("reading the audit trail needs the mcp:audit scope", required=(AUDIT,))
         params = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        operator = principal.credential_id in self._operators
+        # A key id is this guard's own and unique; a token naming the same id is not that key.
+        operator = principal.kind is CredentialKind.KEY and principal.credential_id in self._operators
         if TENANT_PARAMETER in params and not operator:
             raise TenantMismatch("only an operator credential may query another tenant")
         if operator:

@@ -298,6 +298,6 @@ class OpenAPIRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "HEAD"):
-            raise MethodNotAllowed("the OpenAPI document is read-only")
+            raise MethodNotAllowed("the OpenAPI document is read-only", allowed=("GET", "HEAD"))
         # Public and free of secrets, so any site may read it (as with the RFC 9728 metadata).
         await send_json(send, 200, self._document, extra_headers=[(b"access-control-allow-origin", b"*")])

@@ -114,7 +114,7 @@ class AuthorizationServer:
                 await self._preflight(send)
                 return
             if method not in ("GET", "HEAD"):
-                raise MethodNotAllowed("metadata is read-only")
+                raise MethodNotAllowed("metadata is read-only", allowed=("GET", "HEAD", "OPTIONS"))
             document = self._metadata if path != JWKS_PATH else dict(self._jwks() if self._jwks else {})
             await send_json(send, 200, document, extra_headers=_CORS[:1])
             return
@@ -146,7 +146,7 @@ class AuthorizationServer:
 
     async def _form_request(self, scope: Scope, receive: Receive) -> dict[str, str]:
         if scope["method"] != "POST":
-            raise MethodNotAllowed("this endpoint takes POST")
+            raise MethodNotAllowed("this endpoint takes POST", allowed=("POST",))
         content_type = (header(scope, b"content-type") or "").split(";")[0].strip().lower()
         if content_type != _FORM:
             raise OAuthError("invalid_request", f"the body must be {_FORM}")
@@ -165,7 +165,7 @@ class AuthorizationServer:
 
     async def _register(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] != "POST":
-            raise MethodNotAllowed("registration takes POST")
+            raise MethodNotAllowed("registration takes POST", allowed=("POST",))
         # Anyone may register, so registrations count against the per-address limit: no unbounded growth.
         await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
         try:
@@ -191,7 +191,7 @@ class AuthorizationServer:
                 await self._failed_auth.attempt(client_ip(scope, self._trusted_proxies))
             answer = await self._authorizer.submit(form, cookie)
         else:
-            raise MethodNotAllowed("authorize takes GET or POST")
+            raise MethodNotAllowed("authorize takes GET or POST", allowed=("GET", "POST"))
         await self._send_answer(send, answer)
 
     async def _send_answer(self, send: Send, answer: Page | Redirect) -> None:
