@@ -46,16 +46,14 @@ class GuardConfig:
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
     trusted_proxies: tuple[str, ...] = ()
-    # Credential ids (key ids, token grant ids) that may query the audit trail across tenants.
+    # Key ids that may query the audit trail across tenants. Only keys: a token's id (jti, gid) is its issuer's
+    # choice, and could be made to equal an operator key's id, which is no secret.
     operator_credentials: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems: list[str] = []
-        parts = urlsplit(self.public_url)
-        if parts.scheme not in ("http", "https") or not parts.netloc:
-            problems.append(f"public_url must be an absolute http(s) URL, got {self.public_url!r}")
-        elif parts.path not in ("", "/") or parts.query or parts.fragment:
-            problems.append("public_url must be an origin only (scheme://host[:port]), without path or query")
+        # public_url is never quoted back: it may carry credentials, and it is shown to every client.
+        problems += _public_url_problems(self.public_url)
         # Request paths are compared after collapsing and trimming slashes; configured ones must already be.
         if not _ENDPOINT.fullmatch(self.mcp_path) or "{" in self.mcp_path:
             problems.append(
@@ -89,3 +87,21 @@ class GuardConfig:
     def origin(self) -> str:
         """``public_url`` without a trailing slash."""
         return self.public_url.rstrip("/")
+
+
+def _public_url_problems(url: str) -> list[str]:
+    # Checked before urlsplit, which silently drops tabs and newlines (the URL is sent in headers as it is).
+    if any(c.isspace() or not c.isprintable() for c in url):
+        return ["public_url must not hold spaces or control characters"]
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # read only to see whether it raises on a bad port
+    except ValueError:
+        return ["public_url must be an absolute http(s) URL (scheme://host[:port]) with a valid host and port"]
+    if "@" in parts.netloc:
+        return ["public_url must not hold credentials (user:password@): it is advertised to every client"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return ["public_url must be an absolute http(s) URL (scheme://host[:port])"]
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return ["public_url must be an origin only (scheme://host[:port]), without path or query"]
+    return []

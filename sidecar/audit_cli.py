@@ -9,7 +9,7 @@ from typing import Any, TypeAlias
 
 from mcpguard import AUDIT_FILTERS as FILTERS
 from mcpguard import AuditQuery, open_audit_store, parse_query
-from sidecar.cli_support import add_audit_option, audit_url
+from sidecar.cli_support import add_audit_option, audit_url, inert
 
 __all__ = ["add_audit_command"]
 
@@ -17,7 +17,9 @@ __all__ = ["add_audit_command"]
 def _audit_url(args: argparse.Namespace) -> str:
     url = audit_url(args)
     if url is None:
-        raise SystemExit("mcpguard: error: the state is not an SQLite file: name the audit store with --audit")
+        raise SystemExit(
+            "mcpguard: error: the state is not an SQLite file: name the audit store with --audit or MCPGUARD_AUDIT"
+        )
     return url
 
 
@@ -30,6 +32,7 @@ def _query(args: argparse.Namespace) -> AuditQuery:
 
 
 def _line(call: dict[str, Any]) -> str:
+    # Method, tool and path are the client's to choose: each field is inert, so a call prints as one line.
     fields = [
         call["at"],
         call.get("tenant") or "-",
@@ -43,7 +46,7 @@ def _line(call: dict[str, Any]) -> str:
         f"{call['duration_ms']:.1f}ms" if call.get("duration_ms") is not None else "",
         "" if call.get("outcome") != "no_outcome" else "NO OUTCOME",
     ]
-    return "  ".join(fields).rstrip()
+    return "  ".join(map(inert, fields)).rstrip()
 
 
 def _print(calls: list[dict[str, Any]], as_json: bool) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 import uvloop
 
@@ -32,12 +32,18 @@ __all__ = ["main"]
 _DURATION = re.compile(r"([1-9][0-9]*)([dhm])")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
 
+# argparse's messages that quote an argument back; the argument is cut out, the choices (if any) are kept.
+_QUOTED = re.compile(
+    r"(invalid choice|invalid [\w-]+ value|ignored explicit argument):? .*?(?= \(choose from [^()]*\)$|$)", re.DOTALL
+)
+
 # A string: argparse does not make this class subscriptable at run time.
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 _EPILOG = """\
 environment:
   MCPGUARD_STATE           where state lives when --state is not given (default ./mcpguard.db)
+  MCPGUARD_AUDIT           the audit trail when --audit is not given, as the sidecar reads it (default: the state file)
   MCPGUARD_ARGON2_PROFILE  'cheapest' makes key and password hashing trivially cheap: tests only, never in production
 """
 
@@ -45,11 +51,28 @@ environment:
 def _expiry(text: str) -> datetime:
     match = _DURATION.fullmatch(text)
     if match is None:
-        raise argparse.ArgumentTypeError(f"expected a duration such as 90d, 12h or 30m, not {text!r}")
+        raise argparse.ArgumentTypeError("expected a duration such as 90d, 12h or 30m")
     try:
         return datetime.now(UTC) + timedelta(**{_UNITS[match[2]]: int(match[1])})
     except OverflowError:
-        raise argparse.ArgumentTypeError(f"{text!r} is too far in the future") from None
+        raise argparse.ArgumentTypeError("that duration reaches too far into the future") from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """Takes options by their full names only, and never prints an argument back in a usage error.
+
+    A value typed in the wrong place may be a password, a key or a database URL with its credentials: an
+    error names the option or the position, never what was given there. The subcommands' parsers are of
+    this class too (argparse makes them of their parent's class).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # An abbreviation such as --pass would stand for the first option it starts, or quote itself as ambiguous.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        super().error(_QUOTED.sub(r"\1", message))
 
 
 @asynccontextmanager
@@ -180,14 +203,15 @@ _COMMANDS: tuple[Callable[[_Commands, argparse.ArgumentParser], None], ...] = (
 
 def _parser() -> argparse.ArgumentParser:
     # --state is accepted before or after any subcommand; SUPPRESS keeps a later parser from resetting it.
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument(
         "--state",
         default=argparse.SUPPRESS,
         metavar="URL_OR_PATH",
         help="store URL (memory://, sqlite:///PATH) or an SQLite file path",
     )
-    parser = argparse.ArgumentParser(
+    # Typed as the base class, whose subparsers' type the command modules take; they are _Parser all the same.
+    parser: argparse.ArgumentParser = _Parser(
         prog="mcpguard",
         description="Security layer for MCP servers.",
         parents=[common],
@@ -200,6 +224,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``argv`` parsed; unrecognized options are named without their values, other arguments only counted."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        options = [item.partition("=")[0] for item in extra if item.startswith("-")]
+        others = len(extra) - len(options)
+        named = " ".join(options) + (" and " if options and others else "")
+        parser.error(f"unrecognized arguments: {named}" + (f"{others} value(s), not repeated" if others else ""))
+    return args
+
+
 def _explain(error: Exception) -> str:
     # A store's description is written for clients; the operator also gets the underlying cause.
     if isinstance(error, MCPGuardError) and error.__cause__ is not None:
@@ -209,7 +244,7 @@ def _explain(error: Exception) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``) and return the exit status."""
-    args = _parser().parse_args(argv)
+    args = _parse(_parser(), argv)
     try:
         # uvloop for every command: the sidecar serves on it, and the others do not mind.
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

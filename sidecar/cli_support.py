@@ -1,5 +1,5 @@
 """What the operator commands share: where the state and audit stores are, how an operator's revocation is
-put in the audit trail, and how records are printed."""
+put in the audit trail, and how records are printed (inert: no value printed can move the cursor or add a line)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_STATE",
     "add_audit_option",
     "audit_url",
+    "inert",
     "iso",
     "opened_store",
     "print_table",
@@ -37,13 +38,16 @@ def state_url(args: argparse.Namespace) -> str:
 def add_audit_option(parser: argparse.ArgumentParser) -> None:
     """``--audit``: where the trail is, when it is not in the state file."""
     parser.add_argument(
-        "--audit", metavar="URL", help="audit store: SQLite path or URL, or postgresql://… (default: the state file)"
+        "--audit",
+        metavar="URL",
+        help="audit store: SQLite path or URL, or postgresql://… (default: $MCPGUARD_AUDIT, else the state file)",
     )
 
 
 def audit_url(args: argparse.Namespace) -> str | None:
-    """``--audit``, else the SQLite state file (as the sidecar keeps it), else ``None`` (no trail to write to)."""
-    audit: str | None = getattr(args, "audit", None)
+    """``--audit``, else ``$MCPGUARD_AUDIT``, else the SQLite state file (as the sidecar finds its trail), else
+    ``None`` (no trail to write to)."""
+    audit: str | None = getattr(args, "audit", None) or os.environ.get("MCPGUARD_AUDIT")
     if audit:
         return audit if "://" in audit else f"sqlite:///{audit}"
     state = state_url(args)
@@ -102,8 +106,16 @@ def iso(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat(timespec="seconds")
 
 
+def inert(text: str) -> str:
+    """``text`` with each backslash and non-printable character (newlines, escapes, bidi controls) backslash-escaped."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(c if c.isprintable() and c != "\\" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def print_table(rows: Sequence[Sequence[str]]) -> None:
-    """``rows`` (the first one the header) as left-aligned columns."""
+    """``rows`` (the first one the header) as left-aligned columns, each cell :func:`inert`."""
+    rows = [[inert(cell) for cell in row] for row in rows]
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

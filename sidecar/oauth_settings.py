@@ -30,7 +30,10 @@ if TYPE_CHECKING:
     from sidecar.settings import SidecarSettings
 
 __all__ = [
+    "DAYS_RULE",
     "DEFAULT_JWT_SECRET_ENV",
+    "MAX_DAYS",
+    "MIN_SECRET_BYTES",
     "OAuthClient",
     "Problem",
     "build_oauth_settings",
@@ -38,12 +41,16 @@ __all__ = [
     "default_keys_dir",
     "oauth_problems",
     "parse_oauth_clients",
+    "secret_problem",
     "signing_key",
 ]
 
 # Used as the HS256 secret when set and neither jwt_secret_env nor oauth_keys_dir is configured.
 DEFAULT_JWT_SECRET_ENV = "MCPGUARD_JWT_SECRET"  # noqa: S105 - the name of a variable, not a secret
-_MIN_SECRET_BYTES = 32
+MIN_SECRET_BYTES = 32
+# The longest lifetime or retention a setting may give: a hundred years, far within what timedelta and datetime hold.
+MAX_DAYS = 36_500.0
+DAYS_RULE = f"must be more than 0 and at most {MAX_DAYS:.0f} (a hundred years)"
 _MAX_ACCESS_MINUTES = 60.0
 _MAX_GRACE_SECONDS = 60.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -138,7 +145,11 @@ def oauth_problems(settings: SidecarSettings) -> list[Problem]:
         0 < settings.oauth_access_token_minutes <= _MAX_ACCESS_MINUTES,
         "must be more than 0 and at most 60",
     )
-    check("oauth_refresh_days", settings.oauth_refresh_days > 0, "must be more than 0")
+    check(
+        "oauth_refresh_days",
+        0 < settings.oauth_refresh_days <= MAX_DAYS,
+        DAYS_RULE,
+    )
     check(
         "oauth_refresh_grace_seconds",
         0 <= settings.oauth_refresh_grace_seconds <= _MAX_GRACE_SECONDS,
@@ -189,6 +200,19 @@ def _client_problems(clients: tuple[OAuthClient, ...]) -> list[Problem]:
     return problems
 
 
+def secret_problem(setting: str, secret: str, min_bytes: int = 1) -> str | None:
+    """What is wrong with ``secret``, read from the variable the ``*_env`` ``setting`` names, or ``None``.
+
+    Neither the secret nor the variable's name is quoted: a secret pasted where its name belongs may look
+    like one.
+    """
+    if not secret:
+        return f"{setting}: the variable it names is not set or empty"
+    if len(secret.encode()) < min_bytes:
+        return f"{setting}: the variable it names must hold at least {min_bytes} bytes"
+    return None
+
+
 def client_secret_hashes(clients: tuple[OAuthClient, ...], env: Mapping[str, str]) -> dict[str, str]:
     """The SHA-256 of each confidential client's secret, read now from ``env``; the secrets are not kept."""
     hashes: dict[str, str] = {}
@@ -197,10 +221,9 @@ def client_secret_hashes(clients: tuple[OAuthClient, ...], env: Mapping[str, str
         if client.client_secret_env is None:
             continue
         secret = env.get(client.client_secret_env, "").strip()
-        if not secret:
-            missing.append(
-                f"oauth_clients: [{index}]: environment variable {client.client_secret_env} is not set or empty"
-            )
+        problem = secret_problem(f"oauth_clients: [{index}]: client_secret_env", secret)
+        if problem is not None:
+            missing.append(problem)
             continue
         hashes[client.client_id] = hashlib.sha256(secret.encode()).hexdigest()
     if missing:
@@ -235,10 +258,9 @@ def signing_key(settings: SidecarSettings, env: Mapping[str, str]) -> SigningKey
     """The HS256 secret ``jwt_secret_env`` names, else the Ed25519 keys in the keys directory (made if absent)."""
     if settings.jwt_secret_env is not None:
         secret = env.get(settings.jwt_secret_env, "")
-        if len(secret.encode()) < _MIN_SECRET_BYTES:
-            raise ConfigError(
-                [f"jwt_secret_env: {settings.jwt_secret_env} must hold at least {_MIN_SECRET_BYTES} bytes"]
-            )
+        problem = secret_problem("jwt_secret_env", secret, MIN_SECRET_BYTES)
+        if problem is not None:
+            raise ConfigError([problem])
         return SharedSecret(secret)
     directory = settings.oauth_keys_dir or default_keys_dir(settings.state_url)
     if directory is None:

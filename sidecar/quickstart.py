@@ -9,6 +9,7 @@ import os
 import socket
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import TypeAlias
 
 import uvicorn
@@ -17,12 +18,14 @@ from mcpguard import KeyRing, open_store
 from sidecar.coalescing import CoalescingHttpToolsProtocol
 from sidecar.hashing import hasher_from_env
 from sidecar.serve import serve_until_stopped, sidecar_from_settings
-from sidecar.settings import load_settings
+from sidecar.settings import SidecarSettings, load_settings
 
 __all__ = ["add_quickstart_command"]
 
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 DEMO_TENANT = "demo"
+# The state file is the sidecar's default one: the demo key is revoked when quickstart stops, and expires in any case.
+DEMO_KEY_LIFETIME = timedelta(hours=24)
 
 
 def _free_port() -> int:
@@ -76,7 +79,8 @@ mcpguard quickstart is running: the demo MCP server behind the sidecar.
   MCP endpoint : {url}
   tenant       : {DEMO_TENANT}
   key          : {key}
-                 (scopes mcp:read mcp:write; shown only this once, stored as an argon2id hash)
+                 (scopes mcp:read mcp:write; shown only this once, stored as an argon2id hash;
+                  revoked when quickstart stops, and expiring within 24 hours in any case)
 
 Call a tool with curl:
 
@@ -118,30 +122,18 @@ async def _run(args: argparse.Namespace) -> int:
                 "tenant_argument": "tenant_id",
             },
         )
-        ring = KeyRing(store=open_store(settings.state_url), hasher=hasher_from_env(os.environ))
-        key, _ = await ring.create(tenant=DEMO_TENANT, scopes=["mcp:read", "mcp:write"], name="quickstart")
-        await ring.aclose()
-        app = sidecar_from_settings(settings, os.environ)
-        server = uvicorn.Server(
-            uvicorn.Config(
-                app,
-                host=settings.listen_host,
-                port=settings.listen_port,
-                http=CoalescingHttpToolsProtocol,
-                access_log=False,
-                # The guard reads X-Forwarded-For only from its trusted proxies; uvicorn must not rewrite the peer.
-                proxy_headers=False,
-                log_level="warning",
-                timeout_graceful_shutdown=5,
-            )
+        store = open_store(settings.state_url)
+        ring = KeyRing(store=store, hasher=hasher_from_env(os.environ))
+        expires_at = datetime.now(UTC) + DEMO_KEY_LIFETIME
+        key, record = await ring.create(
+            tenant=DEMO_TENANT, scopes=["mcp:read", "mcp:write"], name="quickstart", expires_at=expires_at
         )
-        task = asyncio.create_task(serve_until_stopped(server))
-        while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers only this flag
-            await asyncio.sleep(0.05)
-        if server.started:
-            print(_instructions(f"{settings.public_origin}{settings.mcp_path}", key), flush=True)
-        await task
-        return 0 if server.started else 1
+        try:
+            return await _serve(settings, key)
+        finally:
+            await ring.revoke(record.key_id)
+            await ring.aclose()
+            await store.close()
     finally:
         if demo.returncode is None:
             demo.terminate()
@@ -149,6 +141,31 @@ async def _run(args: argparse.Namespace) -> int:
                 await asyncio.wait_for(demo.wait(), timeout=5)
             except TimeoutError:
                 demo.kill()
+
+
+async def _serve(settings: SidecarSettings, key: str) -> int:
+    """Serve the sidecar ``settings`` describe until stopped, printing how to call it with ``key`` once it is up."""
+    app = sidecar_from_settings(settings, os.environ)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.listen_host,
+            port=settings.listen_port,
+            http=CoalescingHttpToolsProtocol,
+            access_log=False,
+            # The guard reads X-Forwarded-For only from its trusted proxies; uvicorn must not rewrite the peer.
+            proxy_headers=False,
+            log_level="warning",
+            timeout_graceful_shutdown=5,
+        )
+    )
+    task = asyncio.create_task(serve_until_stopped(server))
+    while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers only this flag
+        await asyncio.sleep(0.05)
+    if server.started:
+        print(_instructions(f"{settings.public_origin}{settings.mcp_path}", key), flush=True)
+    await task
+    return 0 if server.started else 1
 
 
 def add_quickstart_command(commands: _Commands, common: argparse.ArgumentParser) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import signal
 import sys
@@ -179,7 +180,8 @@ async def _run(args: argparse.Namespace) -> int:
         proxy_headers=False,
         server_header=False,
         date_header=False,
-        timeout_graceful_shutdown=int(settings.drain_seconds) or None,
+        # uvicorn reads None as no limit at all: 0 must mean not waiting, and 1.5 at least 1.5 s, not 1.
+        timeout_graceful_shutdown=math.ceil(settings.drain_seconds),
     )
     server = uvicorn.Server(config)
     # Only a command's executable is shown: its arguments may hold credentials.

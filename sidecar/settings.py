@@ -31,12 +31,16 @@ from mcpguard import (
     read_json,
 )
 from sidecar.oauth_settings import (
+    DAYS_RULE,
     DEFAULT_JWT_SECRET_ENV,
+    MAX_DAYS,
+    MIN_SECRET_BYTES,
     OAuthClient,
     build_oauth_settings,
     client_secret_hashes,
     oauth_problems,
     parse_oauth_clients,
+    secret_problem,
     signing_key,
 )
 
@@ -218,10 +222,11 @@ class SidecarSettings:
     def assertion_key(self, env: Mapping[str, str]) -> Ed25519PrivateKey | bytes | None:
         """The key identity assertions are signed with, if configured; never quoted in any error."""
         if self.assertion_secret_env is not None:
-            secret = env.get(self.assertion_secret_env, "").encode()
-            if len(secret) < 32:
-                raise SettingsError([f"assertion_secret_env: {self.assertion_secret_env} must hold at least 32 bytes"])
-            return secret
+            secret = env.get(self.assertion_secret_env, "")
+            problem = secret_problem("assertion_secret_env", secret, MIN_SECRET_BYTES)
+            if problem is not None:
+                raise SettingsError([problem])
+            return secret.encode()
         if self.assertion_key_file is None:
             return None
         try:
@@ -251,10 +256,11 @@ class SidecarSettings:
     def upstream_credentials(self, env: Mapping[str, str]) -> dict[str, str]:
         """Headers carrying the upstream bearer token, read now from ``env`` or the file; ``{}`` if none."""
         if self.upstream_bearer_env is not None:
-            source = f"upstream_bearer_env: environment variable {self.upstream_bearer_env}"
+            source = "upstream_bearer_env: the variable it names"
             token = env.get(self.upstream_bearer_env, "").strip()
-            if not token:
-                raise SettingsError([f"{source} is not set or empty"])
+            problem = secret_problem("upstream_bearer_env", token)
+            if problem is not None:
+                raise SettingsError([problem])
         elif self.upstream_bearer_file is not None:
             source = f"upstream_bearer_file: {self.upstream_bearer_file}"
             try:
@@ -353,7 +359,11 @@ class SidecarSettings:
         if self.assertion_secret_env is not None:
             check("assertion_secret_env", bool(_ENV_NAME.fullmatch(self.assertion_secret_env)), "not a variable name")
         check("assertion_lifetime", 1 <= self.assertion_lifetime <= 300, "must be between 1 and 300 seconds")
-        check("audit_retention_days", self.audit_retention_days > 0, "must be more than 0")
+        check(
+            "audit_retention_days",
+            0 < self.audit_retention_days <= MAX_DAYS,
+            DAYS_RULE,
+        )
         if self.audit is not None:
             # The URL is never quoted back: a PostgreSQL one may hold a password.
             check("audit", _is_audit_url(self.audit), "must be sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE")

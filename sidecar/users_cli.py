@@ -12,8 +12,9 @@ import hmac
 import json
 import os
 import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any, TypeAlias
+from typing import Any, NoReturn, TypeAlias
 
 from mcpguard import GrantRecord, LocalUsers, Store, UserRecord
 from sidecar.cli_support import add_audit_option, iso, opened_store, print_table, record_operator_action, scope_list
@@ -24,6 +25,19 @@ __all__ = ["add_users_command"]
 _Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 # Why a grant is revoked when its user is disabled, as the grants listing shows it.
 _DISABLED_REASON = "user_disabled"
+
+
+class _RefusePassword(argparse.Action):
+    """``--password``, hidden: a password typed there is refused without being printed back."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> NoReturn:
+        parser.error("passwords are never taken on the command line: use the prompt or --password-stdin")
 
 
 def _read_password(from_stdin: bool) -> str:
@@ -139,6 +153,7 @@ def add_users_command(commands: _Commands, common: argparse.ArgumentParser) -> N
     add.add_argument(
         "--password-stdin", action="store_true", help="read the password from the first line of standard input"
     )
+    add.add_argument("--password", nargs="?", action=_RefusePassword, help=argparse.SUPPRESS)
     add.add_argument("--json", action="store_true", help="print one JSON object")
     add.set_defaults(run=_add)
 

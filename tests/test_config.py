@@ -108,6 +108,26 @@ class TestProblems:
         """Without a scheme or host, with another scheme, or with path, query or fragment, it is a problem."""
         assert len(problems_of(public_url=url)) == 1
 
+    @pytest.mark.parametrize(
+        "url",
+        [
+            "https://admin:canary-pw@mcp.example.test",
+            "htps://admin:canary-pw@mcp.example.test",
+            "https://mcp.example.test\r\nX-Canary-Pw: 1",
+            "https://mcp.example.test:canary-pw",
+            "https://[canary-pw",
+        ],
+        ids=["credentials", "credentials-bad-scheme", "crlf", "bad-port", "bad-bracket"],
+    )
+    def test_public_url_problem_never_quotes_it(self, url: str) -> None:
+        """Credentials, control characters or an unreadable host or port are one problem that does not quote the URL.
+
+        public_url is advertised to every client (metadata, challenges) and problems reach logs.
+        """
+        [problem] = problems_of(public_url=url)
+        assert problem.startswith("public_url ")
+        assert "canary-pw" not in problem.lower()
+
     @pytest.mark.parametrize("path", ["mcp", "/mcp/", "/", "/{tenant}"])
     def test_mcp_path_shape(self, path: str) -> None:
         """``mcp_path`` starts with a slash, does not end with one, and has no placeholder."""

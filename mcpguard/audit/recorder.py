@@ -81,7 +81,10 @@ class AuditLayer:
         if self._pruning is not None and not self._pruning.done():
             return
         self._pruned_at = now
-        cutoff = datetime.fromtimestamp(now, UTC) - self._retention
+        try:
+            cutoff = datetime.fromtimestamp(now, UTC) - self._retention
+        except OverflowError:  # a retention reaching back before year 1: no entry is old enough to delete
+            return
         self._pruning = asyncio.get_running_loop().create_task(self._prune(cutoff))
 
     async def _prune(self, cutoff: datetime) -> None:

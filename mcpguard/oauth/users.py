@@ -72,6 +72,9 @@ class LocalUsers:
         scope_set = tuple(dict.fromkeys(scopes))
         if "@" not in email or len(email) > 320:
             raise ValueError("email must be an address")
+        # Listings print the email as it is: a newline or an escape sequence in it would forge or hide their lines.
+        if any(c.isspace() or not c.isprintable() for c in email):
+            raise ValueError("email must not hold spaces or control characters")
         if not tenant_list:
             raise ValueError("a user needs at least one tenant")
         if not all(map(is_tenant_name, tenant_list)):

@@ -77,7 +77,6 @@ async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.body", "body": b"small body"})
 
 
-
 @pytest.fixture
 def served() -> Any:
     writes = Writes()

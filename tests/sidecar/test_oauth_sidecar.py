@@ -168,7 +168,7 @@ class TestSettings:
         settings = load(upstream=UPSTREAM, oauth=True, state="memory://", jwt_secret_env="JWT")
         with pytest.raises(SettingsError) as short:
             settings.oauth_signing_key({"JWT": "canary-short-secret"})
-        assert short.value.problems == ["jwt_secret_env: JWT must hold at least 32 bytes"]
+        assert short.value.problems == ["jwt_secret_env: the variable it names must hold at least 32 bytes"]
         assert "canary" not in str(short.value)
         clients = [
             OAuthClient(client_id="c", redirect_uris=("https://c.example.test/cb",), client_secret_env="C_SECRET")
@@ -176,7 +176,8 @@ class TestSettings:
         with_client = load(upstream=UPSTREAM, oauth=True, state=str(tmp_path / "s.db"), oauth_clients=clients)
         with pytest.raises(SettingsError) as missing:
             with_client.oauth_settings({})
-        assert missing.value.problems == ["oauth_clients: [0]: environment variable C_SECRET is not set or empty"]
+        expected = "oauth_clients: [0]: client_secret_env: the variable it names is not set or empty"
+        assert missing.value.problems == [expected]
         assert CLIENT_SECRET not in repr(with_client.oauth_settings({"C_SECRET": CLIENT_SECRET}))
         config = write_toml(
             tmp_path,
