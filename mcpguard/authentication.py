@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, runtime_checkable
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcpguard.errors import AuthenticationRequired, InvalidToken
+from mcpguard.errors import AuthenticationRequired, InvalidToken, MCPGuardError
 from mcpguard.principal import Principal
 from mcpguard.ratelimit import FailedAuthLimiter, address_group, client_ip
 from mcpguard.request_state import request_headers, state_of
@@ -17,6 +18,8 @@ from mcpguard.request_state import request_headers, state_of
 __all__ = ["AuthenticationLayer", "CredentialVerifier", "RememberingVerifier"]
 
 _KEY_PREFIX = "mk_"
+# How long a streamed answer (a GET stream, an SSE tool call) goes on before the credential is checked again.
+RECHECK_SECONDS = 1.0
 
 
 class CredentialVerifier(Protocol):
@@ -108,7 +111,11 @@ class AuthenticationLayer:
         else:
             await self._failed_auth.check(ip)
             state_of(scope).principal = await self._verify(verifier, credential, ip)
-        await self.app(scope, receive, send)
+        watch = _StillValid(send, verifier, credential)
+        try:
+            await self.app(scope, receive, watch.send)
+        except _CredentialEnded:
+            return  # the answer has been ended; the app was stopped by its next send
 
     async def _verify(self, verifier: CredentialVerifier | None, credential: str, ip: str) -> Principal:
         try:
@@ -120,6 +127,46 @@ class AuthenticationLayer:
             if self._failed_auth is not None:
                 await self._failed_auth.record_failure(ip)
             raise
+
+
+class _CredentialEnded(Exception):
+    """Raised into the app by a send after its credential stopped being valid mid-answer."""
+
+
+class _StillValid:
+    """A ``send`` that checks the credential again, at most once a ``RECHECK_SECONDS``, while an answer streams.
+
+    A stream opened before a revocation (or before a token expired) would otherwise go on carrying the server's
+    messages to a client that no longer has access. The check runs before a chunk is passed on; once it fails
+    (revoked, expired, or the store unavailable: closed, not open) the answer is ended and the app stopped.
+    """
+
+    __slots__ = ("_credential", "_due", "_ended", "_send", "_verifier")
+
+    def __init__(self, send: Send, verifier: CredentialVerifier | None, credential: str) -> None:
+        self._send = send
+        self._verifier = verifier
+        self._credential = credential
+        self._due = time.monotonic() + RECHECK_SECONDS
+        self._ended = False
+
+    async def send(self, message: Message) -> None:
+        if self._ended:
+            raise _CredentialEnded  # an app that carried on after the first refusal
+        if (
+            self._verifier is not None
+            and message["type"] == "http.response.body"
+            and message.get("more_body", False)
+            and time.monotonic() >= self._due
+        ):
+            try:
+                await self._verifier.verify(self._credential)
+            except MCPGuardError:
+                self._ended = True
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+                raise _CredentialEnded from None
+            self._due = time.monotonic() + RECHECK_SECONDS
+        await self._send(message)
 
 
 class _OneAtATime:

@@ -46,6 +46,7 @@ from sidecar.settings import SettingsError, load_settings
 from tests.conftest import answer_lifespan, cheap_keyring, free_port, make_keys, read_body, serve
 from tests.conftest import run_cli as run
 from tests.test_guard import RecordingApp, list_tools
+from tests.test_telemetry import exported_span, metric_points
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "canary-3f81c0d94b2e"
@@ -670,13 +671,7 @@ class Observed:
         return sent
 
     def span(self, matches: Callable[[ReadableSpan], bool]) -> ReadableSpan:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            found = [span for span in self.spans.get_finished_spans() if matches(span)]
-            if found:
-                return found[-1]
-            time.sleep(0.01)
-        raise AssertionError("no matching span was exported")
+        return exported_span(self.spans, matches)
 
     def by_id(self, request_id: str) -> ReadableSpan:
         return self.span(lambda s: (s.attributes or {}).get("jsonrpc.request.id") == request_id)
@@ -687,17 +682,7 @@ class Observed:
         return {(name, frozenset((p.attributes or {}).items())) for name in names for p in self.points(name)}
 
     def points(self, name: str) -> list[Any]:
-        data = self.reader.get_metrics_data()
-        if data is None:  # nothing measured yet
-            return []
-        return [
-            point
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == name
-            for point in metric.data.data_points
-        ]
+        return metric_points(self.reader, name)
 
 
 def observed_guard(app: Any, **options: Any) -> Iterator[Observed]:

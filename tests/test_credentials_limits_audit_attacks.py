@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -21,10 +22,11 @@ from starlette.types import Receive, Scope, Send
 
 from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
 from mcpguard.audit import SQLiteAuditStore
+from mcpguard.authentication import RECHECK_SECONDS
 from mcpguard.keys import generate_key, parse_key
 from mcpguard.ratelimit import RateLimits
 from mcpguard.stores.base import KeyRecord
-from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
+from tests.conftest import answer_lifespan, cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import RecordingApp, list_tools, rpc
 from tests.test_keyring import CountingHasher
 from tests.test_keys import checksummed
@@ -453,3 +455,58 @@ def test_format_parameter_does_not_switch_format_or_scope(audited: Audited) -> N
     assert audited.get("acme-write").status_code == 403
     assert audited.get("acme-write", **{"Accept": "text/csv"}).status_code == 403
     assert audited.get("acme", **{"Accept": "text/csv"}).status_code == 200
+
+
+async def ticking_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    """An app whose every answer is an event stream with a tick each 50 ms, until the client leaves."""
+    if scope["type"] == "lifespan":
+        await answer_lifespan(receive, send)
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
+
+    async def until_disconnect() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(until_disconnect())
+    tick = 0
+    while not gone.done():
+        await send({"type": "http.response.body", "body": f"data: {tick}\n\n".encode(), "more_body": True})
+        tick += 1
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.threat("T-KEY-REVOKE")
+def test_an_open_stream_ends_once_its_key_is_revoked() -> None:
+    """A stream opened before the key was revoked carries nothing more than a recheck interval after the revocation,
+    and then ends: the revoked client gets none of the server's later messages."""
+    store = open_store("memory://")
+    keys = make_keys(store, {"read": ("acme", ["mcp:read"]), "other": ("acme", ["mcp:read"])})
+    ring = KeyRing(store=store, hasher=CHEAP)
+    port = free_port()
+    guard = MCPGuard(
+        ticking_stream, GuardConfig(public_url=f"http://127.0.0.1:{port}"), keys=ring, tool_lister=list_tools
+    )
+    headers = {"Accept": "text/event-stream"}
+    with serve(guard, port) as url, httpx.Client(timeout=10) as client:
+        with (
+            client.stream("GET", url + "/mcp", headers={**headers, **bearer(keys["read"])}) as revoked,
+            client.stream("GET", url + "/mcp", headers={**headers, **bearer(keys["other"])}) as kept,
+        ):
+            assert (revoked.status_code, kept.status_code) == (200, 200)
+            ticks = revoked.iter_raw()
+            next(ticks)
+            asyncio.run(ring.revoke(parse_key(keys["read"])[0]))
+            revoked_at = time.monotonic()
+            arrivals = []
+            for _ in ticks:
+                arrivals.append(time.monotonic() - revoked_at)
+                if arrivals[-1] > RECHECK_SECONDS + 2:
+                    break  # still flowing: the assertion below says so
+            assert [t for t in arrivals if t > RECHECK_SECONDS + 0.5] == []
+            # The other key's stream goes on.
+            other = kept.iter_raw()
+            started = time.monotonic()
+            while time.monotonic() - started < RECHECK_SECONDS + 0.5:
+                assert next(other)
+        assert client.get(url + "/mcp", headers={**headers, **bearer(keys["read"])}).status_code == 401

@@ -107,6 +107,33 @@ async def tools(host: str | None) -> list[Any]:
     return [*await list_tools(host), {"name": "failing", "annotations": {"readOnlyHint": True}}]
 
 
+def exported_span(spans: InMemorySpanExporter, matches: Callable[[ReadableSpan], bool]) -> ReadableSpan:
+    """The latest finished span that ``matches``, waited for a few seconds."""
+    # A span ends once the answer is sent, so it can reach the exporter just after the client has it.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        found = [span for span in spans.get_finished_spans() if matches(span)]
+        if found:
+            return found[-1]
+        time.sleep(0.01)
+    raise AssertionError("no matching span was exported")
+
+
+def metric_points(reader: InMemoryMetricReader, name: str) -> list[Any]:
+    """Every data point of the metric ``name`` collected so far (none before anything is measured)."""
+    data = reader.get_metrics_data()
+    if data is None:
+        return []
+    return [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == name
+        for point in metric.data.data_points
+    ]
+
+
 @dataclass
 class Traced:
     url: str
@@ -120,29 +147,13 @@ class Traced:
         return httpx.post(self.url + path, json=body, headers={**sent, **headers})
 
     def span(self, matches: Callable[[ReadableSpan], bool]) -> ReadableSpan:
-        # A span ends once the answer is sent, so it can reach the exporter just after the client has it.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            found = [span for span in self.spans.get_finished_spans() if matches(span)]
-            if found:
-                return found[-1]
-            time.sleep(0.01)
-        raise AssertionError("no matching span was exported")
+        return exported_span(self.spans, matches)
 
     def call_span(self, request_id: str) -> ReadableSpan:
         return self.span(lambda s: (s.attributes or {}).get("jsonrpc.request.id") == request_id)
 
     def points(self, name: str) -> list[Any]:
-        data = self.metrics.get_metrics_data()
-        assert data is not None
-        return [
-            point
-            for resource in data.resource_metrics
-            for scope in resource.scope_metrics
-            for metric in scope.metrics
-            if metric.name == name
-            for point in metric.data.data_points
-        ]
+        return metric_points(self.metrics, name)
 
 
 @pytest.fixture(scope="module")
