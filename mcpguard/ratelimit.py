@@ -26,6 +26,7 @@ from limits.util import WindowStats
 from redis.exceptions import RedisError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mcpguard.audit.api import is_audit_read
 from mcpguard.config import ConfigError
 from mcpguard.errors import RateLimited, StorageUnavailable
 from mcpguard.principal import Principal
@@ -93,11 +94,15 @@ class _Plan:
     credential: RateLimitItem | None
     tools: Mapping[str, RateLimitItem]
     methods: Mapping[str, RateLimitItem]
+    audit: RateLimitItem | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RateLimits:
     """Which calls are counted and how many each window allows, as ``limits`` strings such as ``"100/minute"``.
+
+    ``per_audit_read`` bounds the reads of the audit trail (``GET /api/mcp/tool-calls``: a page, an export or one
+    call) each credential makes, since each can make the store read thousands of entries; ``None`` lifts it.
 
     ``fail_open`` lets calls through uncounted while the rate-limit store is down, trading the quota for
     availability (an outage becomes a window without limits); it affects rate limits only and is off by default.
@@ -107,6 +112,7 @@ class RateLimits:
     per_credential: str | None = None
     per_tool: Mapping[str, str] = field(default_factory=dict)
     per_method: Mapping[str, str] = field(default_factory=dict)
+    per_audit_read: str | None = "120/minute"
     strategy: Strategy = "sliding-window"
     fail_open: bool = False
 
@@ -122,6 +128,8 @@ def _compile(rate_limits: RateLimits) -> _Plan:
     credential_limit = None if credential is None else _parse("per_credential", credential, problems)
     tools = {name: _parse(f"per_tool[{name!r}]", text, problems) for name, text in rate_limits.per_tool.items()}
     methods = {name: _parse(f"per_method[{name!r}]", text, problems) for name, text in rate_limits.per_method.items()}
+    audit_read = rate_limits.per_audit_read
+    audit = None if audit_read is None else _parse("per_audit_read", audit_read, problems)
     _check_strategy(rate_limits.strategy, problems)
     if problems or tenant is None:
         raise ConfigError(problems)
@@ -130,6 +138,7 @@ def _compile(rate_limits: RateLimits) -> _Plan:
         credential=credential_limit,
         tools={name: item for name, item in tools.items() if item is not None},
         methods={name: item for name, item in methods.items() if item is not None},
+        audit=audit,
     )
 
 
@@ -263,10 +272,26 @@ class RateLimitLayer:
         item, identifiers = checks[0]
         return await self._limiter.get_window_stats(item, *identifiers)
 
+    async def _counted(self, checks: list[_Check]) -> WindowStats | None:
+        """``_count``, with a store outage refused (503), or let through uncounted (``None``) under ``fail_open``."""
+        try:
+            return await self._count(checks)
+        except _STORAGE_ERRORS as exc:
+            if not self._fail_open:
+                raise StorageUnavailable("the rate-limit store is unavailable; try again shortly") from exc
+            _log.warning(
+                "rate-limit store unavailable (%s); passing the call uncounted (fail_open)", type(exc).__name__
+            )
+            return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = state_of(scope)
         message, principal = state.message, state.principal
         if message is None or message.method is None or principal is None:
+            audit = self._plan.audit
+            if audit is not None and principal is not None and is_audit_read(scope["path"]):
+                tenant, credential = _key_part(principal.tenant), _key_part(principal.credential_id)
+                await self._counted([(audit, ("audit-read", tenant, credential))])
             await self.app(scope, receive, send)
             return
         method = message.method
@@ -274,14 +299,8 @@ class RateLimitLayer:
             await self.app(scope, receive, send)
             return
         checks = self._checks(method, message.name, principal)
-        try:
-            stats = await self._count(checks)
-        except _STORAGE_ERRORS as exc:
-            if not self._fail_open:
-                raise StorageUnavailable("the rate-limit store is unavailable; try again shortly") from exc
-            _log.warning(
-                "rate-limit store unavailable (%s); passing the call uncounted (fail_open)", type(exc).__name__
-            )
+        stats = await self._counted(checks)
+        if stats is None:
             await self.app(scope, receive, send)
             return
         item = checks[0][0]

@@ -510,3 +510,25 @@ def test_an_open_stream_ends_once_its_key_is_revoked() -> None:
             while time.monotonic() - started < RECHECK_SECONDS + 0.5:
                 assert next(other)
         assert client.get(url + "/mcp", headers={**headers, **bearer(keys["read"])}).status_code == 401
+
+
+@pytest.mark.threat("T-RATE-EXHAUST")
+def test_audit_reads_are_counted_per_credential(tmp_path: Path) -> None:
+    """Each read of the trail (a page, an export, one call) counts against its credential's audit-read limit: past
+    it, 429 with Retry-After and nothing read; another reviewer of the tenant and the tenant's tool calls are not
+    held back by it."""
+    audit = SQLiteAuditStore(str(tmp_path / "audit.db"))
+    specs = {"reviewer": ("acme", ["mcp:audit"]), "other": ("acme", ["mcp:audit"]), "caller": ("acme", ["mcp:read"])}
+    with guarded(specs, audit=audit, rate_limits=RateLimits(per_audit_read="3/minute")) as g:
+        reads = [
+            httpx.get(g.url + "/api/mcp/tool-calls", headers=bearer(g.keys["reviewer"])),
+            httpx.get(g.url + "/api/mcp/tool-calls", headers={**bearer(g.keys["reviewer"]), "Accept": "text/csv"}),
+            httpx.get(g.url + "/api/mcp/tool-calls/01ARZ3NDEKTSV4RRFFQ69G5FAV", headers=bearer(g.keys["reviewer"])),
+        ]
+        assert [r.status_code for r in reads] == [200, 200, 404]
+        refused = httpx.get(g.url + "/api/mcp/tool-calls", headers=bearer(g.keys["reviewer"]))
+        assert refused.status_code == 429
+        assert int(refused.headers["retry-after"]) >= 1
+        assert "calls" not in refused.json()
+        assert httpx.get(g.url + "/api/mcp/tool-calls", headers=bearer(g.keys["other"])).status_code == 200
+        assert g.call("caller").status_code == 200

@@ -1,8 +1,9 @@
 """``GET /api/mcp/tool-calls``: the audit trail for reviewers, scoped to the caller's own tenant.
 
-It runs inside the guard, so the caller is authenticated, tenant-bound and rate-limited like any
-other; it needs ``mcp:audit`` (``mcp:admin`` includes it). Only an operator credential (configured by
-id) may name another tenant with ``tenant=``, or leave it out to see all tenants.
+It runs inside the guard, so the caller is authenticated and tenant-bound like any other, and each
+credential's reads are counted (``RateLimits.per_audit_read``, 120 a minute by default); it needs
+``mcp:audit`` (``mcp:admin`` includes it). Only an operator key (configured by id) may name another tenant
+with ``tenant=``, or leave it out to see all tenants.
 
 ``Accept`` chooses the answer: one JSON page (the default), or an export of every matching call,
 streamed page by page (``limit`` is the page size), as NDJSON (``application/x-ndjson``) or CSV
@@ -40,12 +41,14 @@ __all__ = [
     "JSON",
     "NDJSON",
     "TOOL_CALLS_PATH",
+    "is_audit_read",
     "AuditAPI",
     "csv_cell",
     "media_type_for",
 ]
 
 TOOL_CALLS_PATH = "/api/mcp/tool-calls"
+_ONE_CALL_PREFIX = TOOL_CALLS_PATH + "/"
 JSON = "application/json"
 NDJSON = "application/x-ndjson"
 CSV = "text/csv"
@@ -174,6 +177,11 @@ async def _until_disconnect(receive: Receive, gone: asyncio.Event) -> None:
             return
 
 
+def is_audit_read(path: str) -> bool:
+    """Whether ``path`` is one of the audit query endpoints (the list of calls, or one call)."""
+    return path == TOOL_CALLS_PATH or path.startswith(_ONE_CALL_PREFIX)
+
+
 class AuditAPI:
     """Answers the audit query endpoints; every other request goes on to the app."""
 
@@ -196,7 +204,7 @@ class AuditAPI:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
-        if path != TOOL_CALLS_PATH and not path.startswith(TOOL_CALLS_PATH + "/"):
+        if not is_audit_read(path):
             await self.app(scope, receive, send)
             return
         if scope["method"] not in ("GET", "HEAD"):
