@@ -21,7 +21,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
-from mcpguard.audit import SQLiteAuditStore
+from mcpguard.audit import AuditEvent, AuditQuery, SQLiteAuditStore, new_event_id
 from mcpguard.authentication import RECHECK_SECONDS
 from mcpguard.keys import generate_key, parse_key
 from mcpguard.ratelimit import RateLimits
@@ -532,3 +532,31 @@ def test_audit_reads_are_counted_per_credential(tmp_path: Path) -> None:
         assert "calls" not in refused.json()
         assert httpx.get(g.url + "/api/mcp/tool-calls", headers=bearer(g.keys["other"])).status_code == 200
         assert g.call("caller").status_code == 200
+
+
+@pytest.mark.threat("T-AUDIT-GAP")
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_an_entry_sqlite_cannot_store_fails_alone(tmp_path: Path, synchronous: str) -> None:
+    """An entry SQLite refuses (a lone surrogate no UTF-8 can hold, however it got there) costs only itself: the
+    entries committed with it, a durable start among them, land, and the store goes on taking entries."""
+    def entry(tool: str, phase: str = "local") -> AuditEvent:
+        now = datetime.now(UTC)
+        fields: dict[str, Any] = {"tenant": "acme", "http_method": "POST", "path": "/mcp", "tool": tool}
+        return AuditEvent(id=new_event_id(now.timestamp()), at=now, phase=phase, **fields)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        store = SQLiteAuditStore(str(tmp_path / "audit.db"), synchronous=synchronous)
+        try:
+            ends = [entry("quiet_tool") for _ in range(3)]
+            bad = entry("tool\ud800")
+            queued = [asyncio.ensure_future(store.append(e, durable=False)) for e in [ends[0], bad, *ends[1:]]]
+            start = entry("read_tool", "start")
+            await store.append(start, durable=True)
+            await asyncio.gather(*queued, return_exceptions=True)
+            await store.append(entry("later_tool", "start"), durable=True)
+            page = await store.query(AuditQuery(tenant="acme", limit=100))
+            assert sorted(c["tool"] for c in page.calls) == ["later_tool", *["quiet_tool"] * 3, "read_tool"]
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

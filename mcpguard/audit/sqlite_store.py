@@ -181,6 +181,14 @@ class SQLiteAuditStore:
         self.commits += 1
         return None
 
+    def _commit_all(self, rows: list[tuple[Any, ...]]) -> list[BaseException | None]:
+        """Commit ``rows`` in one transaction; when one of them is what failed (not the store), each alone, so that
+        only that entry fails and never the calls committed with it: an error, or ``None``, per row."""
+        error = self._commit(rows)
+        if error is None or len(rows) == 1 or isinstance(error, sqlite3.OperationalError):
+            return [error] * len(rows)
+        return [self._commit([row]) for row in rows]
+
     def _schedule(self, loop: asyncio.AbstractEventLoop, *, urgent: bool) -> None:
         # A flush scheduled on a loop that has since stopped never ran: schedule it where we are now.
         if self._committing or self._flush_loop is loop:
@@ -204,10 +212,10 @@ class SQLiteAuditStore:
             batch, self._pending = self._pending, []
             rows = [row for row, _ in batch]
             if self._inline:
-                error = self._commit(rows)
+                errors = self._commit_all(rows)
         if self._inline:
-            self._settle(batch, error)
-            if self._checkpoints and error is None:
+            self._settle(batch, errors)
+            if self._checkpoints and None in errors:
                 self._unchecked_commits += 1
                 self._unchecked_rows += len(rows)
                 due = self._unchecked_commits >= _CHECKPOINT_COMMITS or self._unchecked_rows >= _CHECKPOINT_ROWS
@@ -218,11 +226,12 @@ class SQLiteAuditStore:
             return
         self._committing = True
         loop = asyncio.get_running_loop()
-        done = loop.run_in_executor(self._worker, self._commit, rows)
+        done = loop.run_in_executor(self._worker, self._commit_all, rows)
 
-        def committed(outcome: asyncio.Future[BaseException | None]) -> None:
+        def committed(outcome: asyncio.Future[list[BaseException | None]]) -> None:
             self._committing = False
-            self._settle(batch, outcome.exception() or outcome.result())
+            failure = outcome.exception()
+            self._settle(batch, [failure] * len(batch) if failure is not None else outcome.result())
             if self._pending:
                 self._schedule(loop, urgent=any(future is not None for _, future in self._pending))
 
@@ -279,12 +288,12 @@ class SQLiteAuditStore:
             logger.warning("audit log checkpoint failed", exc_info=True)
 
     @staticmethod
-    def _settle(batch: list[_Pending], error: BaseException | None) -> None:
+    def _settle(batch: list[_Pending], errors: list[BaseException | None]) -> None:
         try:
             running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             running = None
-        for _, future in batch:
+        for (_, future), error in zip(batch, errors, strict=True):
             if future is None:
                 continue
             loop = future.get_loop()
@@ -381,8 +390,8 @@ class SQLiteAuditStore:
         # The worker runs jobs in order, so this commit follows one still in flight.
         batch, self._pending = self._pending, []
         if batch:
-            error = await loop.run_in_executor(self._worker, self._commit, [row for row, _ in batch])
-            self._settle(batch, error)
+            errors = await loop.run_in_executor(self._worker, self._commit_all, [row for row, _ in batch])
+            self._settle(batch, errors)
 
         def release() -> None:
             if self._reader is not None:
