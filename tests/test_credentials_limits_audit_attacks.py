@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
 from mcpguard.audit import AuditEvent, AuditQuery, SQLiteAuditStore, new_event_id
 from mcpguard.authentication import RECHECK_SECONDS
+from mcpguard.errors import StorageUnavailable
 from mcpguard.keys import generate_key, parse_key
 from mcpguard.ratelimit import RateLimits
 from mcpguard.stores.base import KeyRecord
@@ -560,3 +561,36 @@ def test_an_entry_sqlite_cannot_store_fails_alone(tmp_path: Path, synchronous: s
             await store.close()
 
     asyncio.run(scenario())
+
+
+class _CommitsThenFails:
+    """An audit store whose next durable append commits and then fails, as when the database's answer is lost
+    on its way back (a server that stopped answering, then answered)."""
+
+    def __init__(self, store: SQLiteAuditStore) -> None:
+        self.store = store
+        self.fail_next = False
+
+    async def append(self, event: AuditEvent, *, durable: bool) -> None:
+        await self.store.append(event, durable=durable)
+        if durable and self.fail_next:
+            self.fail_next = False
+            raise StorageUnavailable("audit store unavailable")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+@pytest.mark.threat("T-AUDIT-GAP")
+def test_a_start_that_landed_after_its_commit_failed_reads_back_as_the_refusal(tmp_path: Path) -> None:
+    """A call refused because its start's commit failed is never forwarded; if that start landed all the same,
+    the trail shows the call once, as the local refusal it was, never as a forwarded call without an outcome."""
+    audit = _CommitsThenFails(SQLiteAuditStore(str(tmp_path / "audit.db")))
+    with guarded({"caller": ("acme", ["mcp:read"]), "reviewer": ("acme", ["mcp:audit"])}, audit=audit) as g:
+        audit.fail_next = True
+        assert g.call("caller").status_code == 503
+        assert g.app.seen == []
+        assert g.call("caller").status_code == 200
+        calls = httpx.get(g.url + "/api/mcp/tool-calls", headers=bearer(g.keys["reviewer"])).json()["calls"]
+        tool_calls = [(c["tool"], c["outcome"], c["status"]) for c in calls if c["tool"] == "read_tool"]
+        assert tool_calls == [("read_tool", "complete", 200), ("read_tool", "local", 503)]

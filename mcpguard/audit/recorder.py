@@ -112,8 +112,11 @@ class AuditLayer:
             received += len(message.get("body", b""))
             return message
 
+        attempted: str | None = None
+
         async def start_call() -> None:
-            event_id = new_event_id(self._clock())
+            nonlocal attempted
+            event_id = attempted = new_event_id(self._clock())
             event = self._event(scope, state, client, "start", event_id, bytes_in=len(state.body or b""))
             await store.append(event, durable=True)
             state.audit_start_id = event_id
@@ -134,7 +137,9 @@ class AuditLayer:
                 client,
                 phase,
                 new_event_id(self._clock()),
-                start_id=state.audit_start_id,
+                # A start whose commit failed may still land (a database that stopped answering, then answered):
+                # the call's local entry names it, and it reads back as this refusal, not as a call forwarded.
+                start_id=state.audit_start_id if state.audit_start_id is not None else attempted,
                 outcome=outcome,
                 duration_ms=round(elapsed, 3),
                 bytes_in=received,

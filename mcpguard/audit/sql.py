@@ -61,7 +61,12 @@ def delete_sql(dialect: Dialect) -> str:
 def calls_sql(q: AuditQuery, dialect: Dialect) -> tuple[str, list[Any]]:
     """The query for ``q``'s calls, newest first, each start or local entry joined with its end; one row extra."""
     p = dialect.param
-    where = ["s.phase IN ('start', 'local')"]
+    # A start that a local entry names is one whose commit failed yet landed: the call was refused, not forwarded.
+    where = [
+        "s.phase IN ('start', 'local')",
+        "(s.phase = 'local' OR NOT EXISTS "
+        "(SELECT 1 FROM audit_events x WHERE x.phase = 'local' AND x.start_id = s.id))",
+    ]
     args: list[Any] = []
     # The tenant condition is always present: None (operator, all tenants) is the only way round it.
     if q.tenant is not None:
