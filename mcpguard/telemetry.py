@@ -44,8 +44,10 @@ _DURATION_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0,
 # method and a path are cut as the audit trail cuts them).
 _CLIENT_VALUE_LIMIT = 128
 _TARGETS = {"tools/call": "gen_ai.tool.name", "prompts/get": "gen_ai.prompt.name"}
-# A method the protocol does not name is measured under this one name (as OpenTelemetry's HTTP conventions do).
-_OTHER_METHOD = "_OTHER"
+# A method the protocol does not name, or an error code outside JSON-RPC's reserved range (an upstream's own,
+# any 64-bit number), is measured under this one name, as OpenTelemetry's HTTP conventions do.
+_OTHER = "_OTHER"
+_RESERVED_CODES = range(-32768, -32000 + 1)
 # The OTLP package still names its log exporter module as private, while the logs signal settles.
 _LOG_EXPORTER = "opentelemetry.exporter.otlp.proto.http._log_exporter"
 
@@ -183,14 +185,16 @@ class TelemetryLayer:
             span.set_status(trace.Status(trace.StatusCode.ERROR))
 
         if method is not None:
-            named = method if method in MCP_METHODS else _OTHER_METHOD
+            named = method if method in MCP_METHODS else _OTHER
             measured: dict[str, AttributeValue] = {"mcp.method.name": named}
             # Only an allowed call of a tool the server listed names it here: refused callers, or an admin's calls of
             # made-up names, could otherwise mint metric series at will.
             if method == "tools/call" and target is not None and decision == "allowed" and state.known_tool:
                 measured["gen_ai.tool.name"] = target
             if error is not None:
-                measured["error.type"] = error
+                code = outcome.rpc_error
+                chosen = code is not None and error == str(code) and code not in _RESERVED_CODES
+                measured["error.type"] = _OTHER if chosen else error
             self._duration.record(elapsed, measured)
         counted: dict[str, AttributeValue] = {"decision": decision}
         if refusal is not None:

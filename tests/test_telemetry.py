@@ -74,7 +74,8 @@ class ListAuditStore:
 
 @dataclass
 class OutcomeApp:
-    """The recording app, but 'failing' answers isError, 'missing/method' an error, and /boom raises."""
+    """The recording app, but 'failing' answers isError, 'missing/method' an error, a ping with a code an error
+    of that code, and /boom raises."""
 
     inner: RecordingApp = field(default_factory=RecordingApp)
 
@@ -88,6 +89,8 @@ class OutcomeApp:
         request = json.loads(body) if body else {}
         if request.get("method") == "missing/method":
             answer: dict[str, Any] = {"error": {"code": -32601, "message": "no such method"}}
+        elif request.get("method") == "ping" and "code" in request.get("params", {}):
+            answer = {"error": {"code": request["params"]["code"], "message": "the server's own error"}}
         elif request.get("params", {}).get("name") == "failing":
             answer = {"result": {"content": [], "isError": True}}
         else:
@@ -253,6 +256,22 @@ def test_error_code_and_tool_error_become_error_type(traced: Traced) -> None:
     ends = [e for e in traced.audit.events if e.phase == "end"]
     assert any(e.rpc_error == -32601 for e in ends)
     assert any(e.tool == "failing" and e.tool_error is True for e in ends)
+
+
+@pytest.mark.threat("T-TELEMETRY-FLOOD")
+def test_an_upstreams_own_error_codes_do_not_mint_metric_series(traced: Traced) -> None:
+    """Codes outside JSON-RPC's reserved range are the server's choice: each stays on its span, but the duration
+    metric names them all _OTHER, while reserved codes keep their own series."""
+    codes = [1000 + n for n in range(30)]
+    for code in codes:
+        traced.post("read", rpc("ping", f"coded-{code}", {"code": code}))
+    assert (traced.call_span(f"coded-{codes[-1]}").attributes or {})["error.type"] == str(codes[-1])
+    measured = {(p.attributes or {}).get("error.type") for p in traced.points("mcp.server.operation.duration")}
+    assert not measured & {str(code) for code in codes}
+    assert "_OTHER" in measured
+    traced.post("admin", rpc("missing/method", "rpc-error-2"))
+    traced.call_span("rpc-error-2")
+    assert "-32601" in {(p.attributes or {}).get("error.type") for p in traced.points("mcp.server.operation.duration")}
 
 
 def test_app_exception_is_an_error_span_without_its_message(traced: Traced) -> None:
