@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Send
 
 from mcpguard import KeyRing, KeyStore
+from mcpguard.keys import generate_key
+from mcpguard.stores.base import KeyRecord
 
 
 def free_port() -> int:
@@ -92,6 +95,21 @@ def make_keys(store: KeyStore, specs: Mapping[str, tuple[str, Sequence[str]]]) -
         return keys
 
     return asyncio.run(create())
+
+
+def stored_key(store: KeyStore, *, tenant: str, name: str, scopes: Sequence[str], hasher: argon2.PasswordHasher) -> str:
+    """A key written straight into ``store``, past the key ring's checks (as another issuer may write one); the key."""
+    key_id, key = generate_key()
+    record = KeyRecord(
+        key_id=key_id,
+        tenant=tenant,
+        name=name,
+        scopes=tuple(scopes),
+        secret_hash=hasher.hash(key),
+        created_at=datetime.now(UTC),
+    )
+    asyncio.run(store.add_key(record))
+    return key
 
 
 # A 2025-11-25 initialize, and the headers its era's requests carry.

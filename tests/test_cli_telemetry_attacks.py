@@ -25,10 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.types import Receive, Scope, Send
 
@@ -36,7 +34,6 @@ from mcpguard import (
     GuardConfig,
     MCPGuard,
     RateLimits,
-    Telemetry,
     open_audit_store,
     open_store,
 )
@@ -46,7 +43,7 @@ from sidecar.settings import SettingsError, load_settings
 from tests.conftest import answer_lifespan, cheap_keyring, free_port, make_keys, read_body, serve
 from tests.conftest import run_cli as run
 from tests.test_guard import RecordingApp, list_tools
-from tests.test_telemetry import exported_span, metric_points
+from tests.test_telemetry import exported_span, in_memory_telemetry, metric_points
 
 REPO = Path(__file__).resolve().parents[1]
 CANARY = "canary-3f81c0d94b2e"
@@ -688,24 +685,18 @@ class Observed:
 def observed_guard(app: Any, **options: Any) -> Iterator[Observed]:
     store = open_store("memory://")
     keys = make_keys(store, {"read": ("acme", ["mcp:read"]), "admin": ("acme", ["mcp:admin"])})
-    spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
-    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
-    reader = InMemoryMetricReader()
-    meter_provider = MeterProvider(metric_readers=[reader])
     port = free_port()
-    guard = MCPGuard(
-        app,
-        GuardConfig(public_url=f"http://127.0.0.1:{port}"),
-        keys=cheap_keyring(store),
-        tool_lister=list_tools,
-        telemetry=Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider),
-        **options,
-    )
-    with serve(guard, port) as url:
-        yield Observed(url, keys, spans, reader)
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+    with in_memory_telemetry() as (telemetry, spans, reader):
+        guard = MCPGuard(
+            app,
+            GuardConfig(public_url=f"http://127.0.0.1:{port}"),
+            keys=cheap_keyring(store),
+            tool_lister=list_tools,
+            telemetry=telemetry,
+            **options,
+        )
+        with serve(guard, port) as url:
+            yield Observed(url, keys, spans, reader)
 
 
 @pytest.fixture(scope="module")

@@ -24,10 +24,9 @@ from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
 from mcpguard.audit import AuditEvent, AuditQuery, SQLiteAuditStore, new_event_id
 from mcpguard.authentication import RECHECK_SECONDS
 from mcpguard.errors import StorageUnavailable
-from mcpguard.keys import generate_key, parse_key
+from mcpguard.keys import parse_key
 from mcpguard.ratelimit import RateLimits
-from mcpguard.stores.base import KeyRecord
-from tests.conftest import answer_lifespan, cheap_keyring, free_port, make_keys, read_body, serve
+from tests.conftest import answer_lifespan, cheap_keyring, free_port, make_keys, read_body, serve, stored_key
 from tests.test_guard import RecordingApp, list_tools, rpc
 from tests.test_keyring import CountingHasher
 from tests.test_keys import checksummed
@@ -74,16 +73,7 @@ def guarded(
     store = open_store("memory://")
     keys = make_keys(store, specs)
     for label, tenant in (records or {}).items():
-        key_id, keys[label] = generate_key()
-        record = KeyRecord(
-            key_id=key_id,
-            tenant=tenant,
-            name=label,
-            scopes=("mcp:read",),
-            secret_hash=CHEAP.hash(keys[label]),
-            created_at=datetime.now(UTC),
-        )
-        asyncio.run(store.add_key(record))
+        keys[label] = stored_key(store, tenant=tenant, name=label, scopes=("mcp:read",), hasher=CHEAP)
     hasher = CountingHasher.from_parameters(argon2.profiles.CHEAPEST)
     port = free_port()
     config = GuardConfig(public_url=f"http://127.0.0.1:{port}", api_key_header="X-API-Key")
@@ -540,6 +530,7 @@ def test_audit_reads_are_counted_per_credential(tmp_path: Path) -> None:
 def test_an_entry_sqlite_cannot_store_fails_alone(tmp_path: Path, synchronous: str) -> None:
     """An entry SQLite refuses (a lone surrogate no UTF-8 can hold, however it got there) costs only itself: the
     entries committed with it, a durable start among them, land, and the store goes on taking entries."""
+
     def entry(tool: str, phase: str = "local") -> AuditEvent:
         now = datetime.now(UTC)
         fields: dict[str, Any] = {"tenant": "acme", "http_method": "POST", "path": "/mcp", "tool": tool}

@@ -7,6 +7,7 @@ import importlib
 import json
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -159,29 +160,38 @@ class Traced:
         return metric_points(self.metrics, name)
 
 
-@pytest.fixture(scope="module")
-def traced() -> Iterator[Traced]:
-    store = open_store("memory://")
-    keys = make_keys(store, {"read": ("acme", ["mcp:read"]), "admin": ("acme", ["mcp:admin"])})
+@contextmanager
+def in_memory_telemetry() -> Iterator[tuple[Telemetry, InMemorySpanExporter, InMemoryMetricReader]]:
+    """Telemetry whose spans and metrics are kept in memory, to be read back; shut down on the way out."""
     spans = InMemorySpanExporter()
     tracer_provider = TracerProvider()
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
+    try:
+        yield Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider), spans, reader
+    finally:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+
+@pytest.fixture(scope="module")
+def traced() -> Iterator[Traced]:
+    store = open_store("memory://")
+    keys = make_keys(store, {"read": ("acme", ["mcp:read"]), "admin": ("acme", ["mcp:admin"])})
     audit = ListAuditStore()
     port = free_port()
-    guard = MCPGuard(
-        OutcomeApp(),
-        GuardConfig(public_url=f"http://127.0.0.1:{port}"),
-        keys=cheap_keyring(store),
-        tool_lister=tools,
-        audit=audit,
-        telemetry=Telemetry(tracer_provider=tracer_provider, meter_provider=meter_provider),
-    )
-    with serve(guard, port) as url:
-        yield Traced(url, keys, spans, reader, audit)
-    tracer_provider.shutdown()
-    meter_provider.shutdown()
+    with in_memory_telemetry() as (telemetry, spans, reader):
+        guard = MCPGuard(
+            OutcomeApp(),
+            GuardConfig(public_url=f"http://127.0.0.1:{port}"),
+            keys=cheap_keyring(store),
+            tool_lister=tools,
+            audit=audit,
+            telemetry=telemetry,
+        )
+        with serve(guard, port) as url:
+            yield Traced(url, keys, spans, reader, audit)
 
 
 def test_allowed_tool_call_span_is_named_and_attributed(traced: Traced) -> None:

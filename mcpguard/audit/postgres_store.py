@@ -177,18 +177,18 @@ class PostgresAuditStore:
                 if self._writer is None or self._writer.closed:
                     self._writer = await self._connect()
             await _within(deadline, self._writer, _insert(self._writer, rows))
-        except _FAILURES as exc:
-            if not isinstance(exc, _REFUSED):
-                await _discard(self._writer)
-                self._writer = None
-                # Durable callers learn it from their exception; the others' loss must not be silent, nor flood the log.
-                if not self._failing:
-                    logger.warning("audit store unavailable (%s): entries are not being recorded", type(exc).__name__)
-                    self._failing = True
-                for _, future in batch:
-                    _settle(future, exc)
-                return
+        except _REFUSED as exc:
             refused: Exception = exc
+        except _FAILURES as exc:
+            await _discard(self._writer)
+            self._writer = None
+            # Durable callers learn it from their exception; the others' loss must not be silent, nor flood the log.
+            if not self._failing:
+                logger.warning("audit store unavailable (%s): entries are not being recorded", type(exc).__name__)
+                self._failing = True
+            for _, future in batch:
+                _settle(future, exc)
+            return
         except Exception as exc:
             # Neither an outage nor the server's refusal (a value psycopg cannot send, or a bug): it costs its own
             # entries, never the writer, which every later call needs. The connection is in an unknown state.

@@ -35,11 +35,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from mcpguard import GuardConfig, KeyRing, MCPGuard, open_store
 from mcpguard.audit import AuditEvent, AuditQuery, AuditStore, PostgresAuditStore, new_event_id
-from mcpguard.keys import generate_key
 from mcpguard.ratelimit import RateLimits
-from mcpguard.stores.base import KeyRecord
 from tests.audit.test_audit_store_conformance import PG_PORT, pg_url, postgres_schema
-from tests.conftest import free_port, serve
+from tests.conftest import free_port, serve, stored_key
 from tests.test_credentials_limits_audit_attacks import forged
 from tests.test_guard import RecordingApp, list_tools, rpc
 from tests.test_keyring import CountingHasher
@@ -248,19 +246,10 @@ def closing_store(guard: ASGIApp, store: AuditStore) -> ASGIApp:
 
 def add_keys(store: Any, tenants: Mapping[str, str], hasher: argon2.PasswordHasher) -> dict[str, str]:
     """One mcp:admin key per label of ``tenants``, stored straight under that tenant name, as another issuer may."""
-    keys: dict[str, str] = {}
-    for label, tenant in tenants.items():
-        key_id, keys[label] = generate_key()
-        record = KeyRecord(
-            key_id=key_id,
-            tenant=tenant,
-            name=label,
-            scopes=("mcp:admin",),
-            secret_hash=hasher.hash(keys[label]),
-            created_at=datetime.now(UTC),
-        )
-        asyncio.run(store.add_key(record))
-    return keys
+    return {
+        label: stored_key(store, tenant=tenant, name=label, scopes=("mcp:admin",), hasher=hasher)
+        for label, tenant in tenants.items()
+    }
 
 
 @contextmanager
