@@ -10,6 +10,7 @@ secret goes into a span or a metric: no body, header, query string or credential
 from __future__ import annotations
 
 import importlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler
 from opentelemetry.util.types import AttributeValue
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,7 +36,7 @@ from mcpguard.request_state import RequestState, request_headers, state_of
 from mcpguard.scopes import MCP_METHODS
 from mcpguard.sessions import session_digest
 
-__all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry"]
+__all__ = ["Telemetry", "TelemetryLayer", "configure_telemetry", "trace_sampler"]
 
 _INSTRUMENTATION = "mcpguard"
 _SESSION = b"mcp-session-id"
@@ -215,11 +217,21 @@ def _error_type(refusal: str | None, raised: str | None, outcome: Outcome) -> st
     return None
 
 
+def trace_sampler() -> Sampler:
+    """Every request traced, whatever the client's ``traceparent`` says: its span joins the client's trace, but a
+    client that marks its trace "not sampled" cannot keep its requests out of the guard's traces.
+
+    The SDK's default follows a remote parent's flag, which would let any caller switch its own spans off.
+    """
+    return ParentBased(root=ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)
+
+
 def configure_telemetry(*, service_name: str, otlp_endpoint: str | None, logs: bool = False) -> Telemetry | None:
     """Providers exporting to the OTLP/HTTP collector at ``otlp_endpoint`` (its base URL, such as
     ``http://collector:4318``), or ``None`` (telemetry off) without one; the global providers are left alone.
 
     With ``logs``, a logger provider for audit events exported as log records too (see ``ExportingAuditStore``).
+    Spans are sampled by ``trace_sampler()`` unless ``OTEL_TRACES_SAMPLER`` names another sampler.
     Needs the ``otlp`` extra: ``pip install 'mcpguard[otlp]'``.
     """
     if not otlp_endpoint:
@@ -234,7 +246,9 @@ def configure_telemetry(*, service_name: str, otlp_endpoint: str | None, logs: b
         ) from None
     base = otlp_endpoint.rstrip("/")
     resource = Resource.create({"service.name": service_name})
-    tracer_provider = SDKTracerProvider(resource=resource)
+    # An operator's OTEL_TRACES_SAMPLER is theirs to choose (the SDK reads it when given no sampler).
+    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else trace_sampler()
+    tracer_provider = SDKTracerProvider(resource=resource, sampler=sampler)
     span_exporter = span_exporters.OTLPSpanExporter(endpoint=f"{base}/v1/traces")
     tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
     reader = PeriodicExportingMetricReader(metric_exporters.OTLPMetricExporter(endpoint=f"{base}/v1/metrics"))

@@ -19,6 +19,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import Sampler
 from opentelemetry.trace import SpanKind, StatusCode
 from starlette.types import Message, Receive, Scope, Send
 
@@ -35,6 +36,7 @@ from mcpguard import (
     stack_names,
 )
 from mcpguard.audit.query import AuditPage
+from mcpguard.telemetry import trace_sampler
 from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import RecordingApp, list_tools
 
@@ -161,10 +163,12 @@ class Traced:
 
 
 @contextmanager
-def in_memory_telemetry() -> Iterator[tuple[Telemetry, InMemorySpanExporter, InMemoryMetricReader]]:
+def in_memory_telemetry(
+    sampler: Sampler | None = None,
+) -> Iterator[tuple[Telemetry, InMemorySpanExporter, InMemoryMetricReader]]:
     """Telemetry whose spans and metrics are kept in memory, to be read back; shut down on the way out."""
     spans = InMemorySpanExporter()
-    tracer_provider = TracerProvider()
+    tracer_provider = TracerProvider(sampler=sampler)
     tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
     reader = InMemoryMetricReader()
     meter_provider = MeterProvider(metric_readers=[reader])
@@ -181,7 +185,7 @@ def traced() -> Iterator[Traced]:
     keys = make_keys(store, {"read": ("acme", ["mcp:read"]), "admin": ("acme", ["mcp:admin"])})
     audit = ListAuditStore()
     port = free_port()
-    with in_memory_telemetry() as (telemetry, spans, reader):
+    with in_memory_telemetry(trace_sampler()) as (telemetry, spans, reader):
         guard = MCPGuard(
             OutcomeApp(),
             GuardConfig(public_url=f"http://127.0.0.1:{port}"),
@@ -241,6 +245,19 @@ def test_span_joins_the_clients_trace(traced: Traced) -> None:
     assert span.parent.span_id == int(PARENT_SPAN_ID, 16)
     assert span.name == "ping"
     assert [e.trace_id for e in traced.audit.events if e.trace_id is not None][-1] == TRACE_ID
+
+
+@pytest.mark.threat("T-TRACE-EVADE")
+def test_client_marking_its_trace_unsampled_is_still_traced(traced: Traced) -> None:
+    """A traceparent flagged "not sampled" cannot keep a call out of the guard's traces: the span is still
+    recorded, in the client's trace."""
+    headers = {"traceparent": f"00-{TRACE_ID}-{PARENT_SPAN_ID}-00"}
+    response = traced.post("read", rpc("tools/call", "unsampled-1", {"name": "read_tool", "arguments": {}}), **headers)
+    assert response.status_code == 200
+    span = traced.call_span("unsampled-1")
+    assert span.context is not None
+    assert span.context.trace_id == int(TRACE_ID, 16)
+    assert span.context.trace_flags.sampled
 
 
 def test_repeated_tracestate_headers_reach_the_span_as_one_list(traced: Traced) -> None:
