@@ -44,6 +44,8 @@ class RequestState:
     # Set by the audit layer: commits the call's start; the gate awaits it just before the app.
     audit_start: Callable[[], Awaitable[None]] | None = None
     audit_start_id: str | None = None
+    # Set by the audit API when it answers with calls: the tenant whose trail was read (or every tenant's).
+    read_tenant: str | None = None
     # How the answer went, filled by the first layer that watches it (audit or telemetry) for both.
     outcome: Outcome | None = None
     # The client's headers by name, indexed once for every layer that reads one (see ``request_headers``).

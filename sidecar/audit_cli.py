@@ -43,6 +43,8 @@ def _line(call: dict[str, Any]) -> str:
         str(call.get("status") or "-"),
         call.get("decision") or "-",
         call.get("reason") or "",
+        # A read of the trail: whose trail it read (an operator may read another tenant's, or every tenant's: *).
+        f"read_tenant={call['read_tenant']}" if call.get("read_tenant") else "",
         f"{call['duration_ms']:.1f}ms" if call.get("duration_ms") is not None else "",
         "" if call.get("outcome") != "no_outcome" else "NO OUTCOME",
     ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mcpguard.audit.api import TOOL_CALLS_PATH, AuditAPI
-from mcpguard.audit.events import AuditEvent, new_event_id
+from mcpguard.audit.events import ALL_TENANTS, AuditEvent, new_event_id
 from mcpguard.audit.postgres_store import PostgresAuditStore
 from mcpguard.audit.query import AuditPage, AuditQuery, parse_query
 from mcpguard.audit.recorder import AuditGate, AuditLayer, AuditStore
@@ -11,6 +11,7 @@ from mcpguard.audit.sqlite_store import SQLiteAuditStore
 from mcpguard.audit.stores import open_audit_store
 
 __all__ = [
+    "ALL_TENANTS",
     "TOOL_CALLS_PATH",
     "AuditAPI",
     "AuditEvent",

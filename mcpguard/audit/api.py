@@ -3,7 +3,13 @@
 It runs inside the guard, so the caller is authenticated and tenant-bound like any other, and each
 credential's reads are counted (``RateLimits.per_audit_read``, 120 a minute by default); it needs
 ``mcp:audit`` (``mcp:admin`` includes it). Only an operator key (configured by id) may name another tenant
-with ``tenant=``, or leave it out to see all tenants.
+with ``tenant=`` (a tenant name, else 400), or leave it out to see all tenants.
+
+Each read answered with calls is recorded with ``read_tenant``: the tenant whose trail it read (the
+reader's own, or the one an operator named), or ``ALL_TENANTS`` for an operator's read of every tenant.
+An operator's read of one tenant is thus in that tenant's own trail; a read of every tenant is in no one
+tenant's, as its size and timing describe every tenant's trail. A refused read, or a lookup of a call that
+is not there, read nothing and names no tenant.
 
 ``Accept`` chooses the answer: one JSON page (the default), or an export of every matching call,
 streamed page by page (``limit`` is the page size), as NDJSON (``application/x-ndjson``) or CSV
@@ -24,11 +30,11 @@ from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcpguard.audit.events import AuditEvent
+from mcpguard.audit.events import ALL_TENANTS, AuditEvent
 from mcpguard.audit.query import TENANT_PARAMETER, AuditQuery, parse_query
 from mcpguard.audit.recorder import AuditStore
 from mcpguard.errors import InsufficientScope, InvalidRequest, MethodNotAllowed, TenantMismatch
-from mcpguard.principal import CredentialKind
+from mcpguard.principal import TENANT_RULE, CredentialKind, is_tenant_name
 from mcpguard.request_state import request_headers, state_of
 from mcpguard.responses import send_json
 from mcpguard.scopes import AUDIT, ScopePolicy
@@ -209,7 +215,8 @@ class AuditAPI:
             return
         if scope["method"] not in ("GET", "HEAD"):
             raise MethodNotAllowed("the audit trail is read-only", allowed=("GET", "HEAD"))
-        principal = state_of(scope).principal
+        state = state_of(scope)
+        principal = state.principal
         if principal is None:  # pragma: no cover - the authentication layer always runs first
             raise RuntimeError("audit query without a principal")
         if not self._policy.allows(principal.scopes, AUDIT):
@@ -223,15 +230,21 @@ class AuditAPI:
             named = params.get(TENANT_PARAMETER, [])
             if len(named) > 1:
                 raise InvalidRequest("tenant given more than once")
+            # Checked before it can reach the trail: the name read is recorded, and shown to that tenant.
+            if named and not is_tenant_name(named[0]):
+                raise InvalidRequest(f"tenant is not a tenant name: {TENANT_RULE}")
             tenant = named[0] if named else None
         else:
             tenant = principal.tenant
+        read_tenant = ALL_TENANTS if tenant is None else tenant
         call_id = path[len(TOOL_CALLS_PATH) + 1 :] or None
         if call_id is not None:
             page = await self._store.query(AuditQuery(tenant=tenant, call_id=call_id, limit=1))
             if not page.calls:
+                # The path names an id the reader typed, which may be another tenant's: not for this trail.
                 await send_json(send, 404, {"error": "not_found", "error_description": "no such call"})
                 return
+            state.read_tenant = read_tenant
             await send_json(send, 200, page.calls[0])
             return
         query = parse_query(params, tenant=tenant)
@@ -239,14 +252,18 @@ class AuditAPI:
         media_type = media_type_for(accept.decode("latin-1"))
         if media_type == JSON:
             page = await self._store.query(query)
+            state.read_tenant = read_tenant
             body = {"calls": page.calls, "next_cursor": page.next_cursor}
             await send_json(send, 200, body, extra_headers=[(b"vary", b"Accept")])
             return
-        await self._export(scope, receive, send, query, _EXPORTS[media_type])
+        await self._export(scope, receive, send, query, _EXPORTS[media_type], read_tenant)
 
-    async def _export(self, scope: Scope, receive: Receive, send: Send, query: AuditQuery, export: _Export) -> None:
+    async def _export(
+        self, scope: Scope, receive: Receive, send: Send, query: AuditQuery, export: _Export, read_tenant: str
+    ) -> None:
         # The first page is read before anything is sent, so a store failure is still a clean 503.
         page = await self._store.query(replace(query, limit=min(query.limit, self._export_cap)))
+        state_of(scope).read_tenant = read_tenant
         headers = [*export.headers, *_EXPORT_HEADERS]
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         if scope["method"] == "HEAD":

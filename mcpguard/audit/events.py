@@ -3,6 +3,10 @@
 ``AuditEvent`` has no field that could hold a request's arguments or a tool's results: the trail is
 body-free by type. A forwarded call is two entries, its start (written before the call leaves) and its
 end (naming the start); a call the guard answered itself is one ``local`` entry. Nothing is updated.
+
+A read of the audit trail that the guard answered with calls names the tenant whose trail it read in
+``read_tenant`` (``ALL_TENANTS`` for an operator's read of every tenant): the query string that chose it is
+never kept, and that tenant's reviewers find the entry in their own trail.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 from datetime import UTC, datetime
 from typing import Literal, NamedTuple, overload
 
-__all__ = ["NAME_LIMIT", "AuditEvent", "Decision", "Phase", "bounded", "new_event_id", "reason_for"]
+__all__ = ["ALL_TENANTS", "NAME_LIMIT", "AuditEvent", "Decision", "Phase", "bounded", "new_event_id", "reason_for"]
 
 Phase = Literal["start", "end", "local"]
 Decision = Literal["allowed", "denied"]
@@ -24,6 +28,8 @@ USER_AGENT_LIMIT = 256
 # What the client names (JSON-RPC method, tool, path) is kept to this many characters, a cut one ending in "…":
 # the trail records which call was made, not whatever a client chose to send in a name.
 NAME_LIMIT = 256
+# ``read_tenant`` of an operator's read of every tenant's trail; never a tenant name (see ``is_tenant_name``).
+ALL_TENANTS = "*"
 
 
 @overload
@@ -127,6 +133,7 @@ class AuditEvent(NamedTuple):
     bytes_out: int | None = None
     trace_id: str | None = None
     user_agent: str | None = None
+    read_tenant: str | None = None
 
     @staticmethod
     def now() -> datetime:

@@ -11,7 +11,7 @@ from typing import Any, get_args
 from starlette.types import Receive, Scope, Send
 
 from mcpguard.audit.api import CALL_FIELDS, CSV, CSV_FILENAME, EXPORT_CAP, JSON, NDJSON, TOOL_CALLS_PATH
-from mcpguard.audit.events import NAME_LIMIT, USER_AGENT_LIMIT, Decision
+from mcpguard.audit.events import ALL_TENANTS, NAME_LIMIT, USER_AGENT_LIMIT, Decision
 from mcpguard.audit.query import DEFAULT_LIMIT, FILTERS, MAX_LIMIT, TENANT_PARAMETER
 from mcpguard.config import GuardConfig
 from mcpguard.errors import MethodNotAllowed
@@ -58,6 +58,11 @@ _CALL_PROPERTIES: dict[str, dict[str, Any]] = {
     "bytes_out": _nullable("integer", "Size of the response body."),
     "trace_id": _nullable("string", "W3C trace id from the traceparent header."),
     "user_agent": _nullable("string", f"User-Agent header, cut to {USER_AGENT_LIMIT} characters."),
+    "read_tenant": _nullable(
+        "string",
+        "For a read of this audit trail answered with calls: the tenant whose trail it read, or "
+        f"{ALL_TENANTS} for an operator's read of every tenant. Null for any other request.",
+    ),
     "outcome": {
         "type": "string",
         "enum": ["complete", "no_outcome", "local"],
@@ -89,7 +94,8 @@ _PARAMETERS: dict[str, tuple[dict[str, Any], str, Any]] = {
     "cursor": ({"type": "string"}, "next_cursor from the previous page, to read the page after it.", None),
     TENANT_PARAMETER: (
         {"type": "string"},
-        "Operator credentials only: the tenant to read, or leave out to read every tenant. "
+        "Operator credentials only: the tenant to read (a tenant name, else 400), or leave out to read every "
+        "tenant. The read is recorded with read_tenant, and is in the trail of the tenant it names. "
         "Any other credential reads its own tenant and is refused (403) if it sends this.",
         "acme",
     ),
@@ -157,7 +163,8 @@ def _list_operation() -> dict[str, Any]:
         "summary": "List the audited MCP calls of your tenant",
         "description": (
             "Calls recorded by the guard, newest first: who called which method or tool, the status and "
-            "the guard's decision; never arguments or results. Needs mcp:audit. Page with limit and cursor; "
+            "the guard's decision; never arguments or results. Includes operator reads of your trail. "
+            "Needs mcp:audit. Page with limit and cursor; "
             "Accept application/x-ndjson or text/csv exports every match."
         ),
         "parameters": [_ref("parameters", name) for name in (*FILTERS, TENANT_PARAMETER)],
@@ -246,7 +253,7 @@ def openapi_document(config: GuardConfig) -> dict[str, Any]:
             "description": (
                 "Read the audit trail an mcpguard guard keeps of the MCP calls it sees: who called which tool, "
                 f"when, and what the guard decided. Bodies are never recorded. Every request needs {AUDIT}; "
-                "a credential reads only its own tenant's calls."
+                "a credential reads only its own tenant's calls, and the operator's reads of its trail."
             ),
         },
         "servers": [{"url": config.origin}],

@@ -49,10 +49,17 @@ _TYPES = {
     "bytes_out": "bigint",
 }
 _COLUMN_DEFINITIONS = ", ".join(f"{c} {_TYPES.get(c, 'text')}" for c in COLUMNS)
-_SCHEMA = (
-    f"CREATE TABLE IF NOT EXISTS audit_events ({_COLUMN_DEFINITIONS})",
+_TABLE = f"CREATE TABLE IF NOT EXISTS audit_events ({_COLUMN_DEFINITIONS})"
+# The table's columns as statements name it (through the search path), to add those a table made before lacks:
+# an ALTER TABLE run on every connection would take the table's exclusive lock each time.
+_PRESENT_COLUMNS = (
+    "SELECT attname FROM pg_attribute WHERE attrelid = 'audit_events'::regclass AND attnum > 0 AND NOT attisdropped"
+)
+_INDEXES = (
     "CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit_events (tenant, id)",
     "CREATE INDEX IF NOT EXISTS audit_by_start ON audit_events (start_id)",
+    # Only reads of the trail name the tenant they read.
+    "CREATE INDEX IF NOT EXISTS audit_by_read_tenant ON audit_events (read_tenant, id) WHERE read_tenant IS NOT NULL",
 )
 # Replicas starting together would race CREATE ... IF NOT EXISTS; this lock (any fixed number) serialises them.
 _SCHEMA_LOCK = 0x6D63_7067_6175_6474
@@ -132,7 +139,14 @@ class PostgresAuditStore:
         try:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                for statement in _SCHEMA:
+                await conn.execute(_TABLE)
+                present = {row[0] for row in await (await conn.execute(_PRESENT_COLUMNS)).fetchall()}
+                for column in COLUMNS:
+                    if column not in present:
+                        # A column added since the table was made: NULL in the rows it has.
+                        kind = _TYPES.get(column, "text")
+                        await conn.execute(f"ALTER TABLE audit_events ADD COLUMN IF NOT EXISTS {column} {kind}")
+                for statement in _INDEXES:
                     await conn.execute(statement)
         except BaseException:
             await _discard(conn)

@@ -25,7 +25,10 @@ TENANT_PARAMETER = "tenant"
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuditQuery:
-    """Which calls to return, newest first; ``tenant`` is set by the guard from the credential, never the client."""
+    """Which calls to return, newest first; ``tenant`` is set by the guard from the credential, never the client.
+
+    A tenant's calls are its own and the reads of its trail by others (an operator's, naming it in ``read_tenant``).
+    """
 
     tenant: str | None
     tool: str | None = None

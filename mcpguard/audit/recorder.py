@@ -190,6 +190,7 @@ class AuditLayer:
             bytes_out=outcome.bytes_out if outcome is not None else None,
             trace_id=client.trace_id,
             user_agent=client.user_agent,
+            read_tenant=state.read_tenant,
         )
 
 

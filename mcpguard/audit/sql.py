@@ -59,7 +59,11 @@ def delete_sql(dialect: Dialect) -> str:
 
 
 def calls_sql(q: AuditQuery, dialect: Dialect) -> tuple[str, list[Any]]:
-    """The query for ``q``'s calls, newest first, each start or local entry joined with its end; one row extra."""
+    """The query for ``q``'s calls, newest first, each start or local entry joined with its end; one row extra.
+
+    A tenant's calls are its own and the reads of its trail by others (an operator's): each found by its own
+    index and cut to the page before the two are merged, so a page never sorts the tenant's whole trail.
+    """
     p = dialect.param
     # A start that a local entry names is one whose commit failed yet landed: the call was refused, not forwarded.
     where = [
@@ -68,10 +72,6 @@ def calls_sql(q: AuditQuery, dialect: Dialect) -> tuple[str, list[Any]]:
         "(SELECT 1 FROM audit_events x WHERE x.phase = 'local' AND x.start_id = s.id))",
     ]
     args: list[Any] = []
-    # The tenant condition is always present: None (operator, all tenants) is the only way round it.
-    if q.tenant is not None:
-        where.append(f"s.tenant = {p}")
-        args.append(q.tenant)
     for column, value in (
         ("s.tool", q.tool),
         ("s.rpc_method", q.method),
@@ -95,13 +95,21 @@ def calls_sql(q: AuditQuery, dialect: Dialect) -> tuple[str, list[Any]]:
         args.append(q.before_id)
     start_cols = ", ".join(f"s.{c}" for c in COLUMNS)
     end_cols = ", ".join(f"e.{c}" for c in _OUTCOME)
-    sql = (
+    select = (
         f"SELECT {start_cols}, e.id, {end_cols} FROM audit_events s "  # noqa: S608 - fixed column names
-        "LEFT JOIN audit_events e ON e.phase = 'end' AND e.start_id = s.id "
-        f"WHERE {' AND '.join(where)} ORDER BY s.id DESC LIMIT {p}"
+        "LEFT JOIN audit_events e ON e.phase = 'end' AND e.start_id = s.id WHERE "
     )
-    args.append(q.limit + 1)
-    return sql, args
+    newest = f" ORDER BY s.id DESC LIMIT {p}"
+    rows = q.limit + 1
+    # None (operator, all tenants) is the only way round the tenant condition.
+    if q.tenant is None:
+        return select + " AND ".join(where) + newest, [*args, rows]
+    own = select + " AND ".join([f"s.tenant = {p}", *where]) + newest
+    # Only the audit API sets read_tenant, to the reader's own tenant or (for an operator) the one it named;
+    # the reader's own entries are already in the first part.
+    read = select + " AND ".join([f"s.read_tenant = {p}", f"s.tenant <> {p}", *where]) + newest
+    sql = f"SELECT * FROM ({own}) own UNION ALL SELECT * FROM ({read}) reads ORDER BY 1 DESC LIMIT {p}"  # noqa: S608 - fixed text
+    return sql, [q.tenant, *args, rows, q.tenant, q.tenant, *args, rows, rows]
 
 
 def page_of(rows: Sequence[Sequence[Any]], q: AuditQuery) -> AuditPage:

@@ -44,13 +44,16 @@ _T = TypeVar("_T")
 logger = logging.getLogger("mcpguard.audit")
 # Times are ISO 8601 text in UTC with microseconds, so comparing the text compares the times.
 _DIALECT = Dialect(param="?", time=iso_time)
-# Only ends are indexed by their start (a start has none), so a start's row touches one index fewer. A table
-# WITHOUT ROWID would append in id order, but SQLite advises it only for rows far smaller than these. Files
-# made before keep their index of every entry, and read the same.
-_SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
+_COLUMN_DEFINITIONS = ", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)
+_TABLE = f"CREATE TABLE IF NOT EXISTS audit_events ({_COLUMN_DEFINITIONS})"
+# Only ends are indexed by their start (a start has none), so a start's row touches one index fewer; likewise only
+# reads of the trail are indexed by the tenant they read. A table WITHOUT ROWID would append in id order, but
+# SQLite advises it only for rows far smaller than these. Files made before keep their index of every entry, and
+# read the same.
+_INDEXES = """
 CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit_events (tenant, id);
 CREATE INDEX IF NOT EXISTS audit_by_start ON audit_events (start_id) WHERE start_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS audit_by_read_tenant ON audit_events (read_tenant, id) WHERE read_tenant IS NOT NULL;
 """
 # The statement inserting a row's present columns, by which columns those are.
 _INSERTS: dict[tuple[bool, ...], str] = {}
@@ -115,11 +118,34 @@ def _open(path: str, synchronous: str, *, autocheckpoint: bool = True) -> sqlite
             conn.execute("PRAGMA wal_autocheckpoint = 0")
         # Another process (the CLI adding a key to a shared state file) holds the lock for milliseconds.
         conn.execute("PRAGMA busy_timeout = 2000")
-        conn.executescript(_SCHEMA)
+        conn.execute(_TABLE)
+        _add_missing_columns(conn)
+        conn.executescript(_INDEXES)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _missing_columns(conn: sqlite3.Connection) -> list[str]:
+    present = {row[1] for row in conn.execute("PRAGMA table_info(audit_events)")}
+    return [column for column in COLUMNS if column not in present]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """A file made before a column was added gets it, NULL in the rows it has (added once, under the write lock,
+    when two processes open the file at once)."""
+    if not _missing_columns(conn):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for column in _missing_columns(conn):
+            conn.execute(f"ALTER TABLE audit_events ADD COLUMN {column}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:

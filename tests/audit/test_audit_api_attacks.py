@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import csv
+import io
 import json
 import socket
 import time
@@ -29,7 +31,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mcpguard import GuardConfig, JWTVerifier, MCPGuard, open_store
+from mcpguard import GuardConfig, JWTVerifier, MCPGuard, RateLimits, open_store
 from mcpguard.audit import AuditQuery, AuditStore, PostgresAuditStore, SQLiteAuditStore
 from mcpguard.keys import parse_key
 from mcpguard.oauth.builtin import BuiltInAuthorizationServer
@@ -131,6 +133,12 @@ class Trail:
         return parse_key(self.keys[label])[0]
 
 
+def trails(calls: list[dict[str, Any]]) -> set[str]:
+    """The tenants whose trails ``calls`` are in: a read of a trail is in the trail it read (an operator's read
+    of another tenant too), any other call in its own tenant's."""
+    return {call["read_tenant"] or call["tenant"] for call in calls}
+
+
 def tool_call(url: str, key: str, tool: str = "read_tool", path: str = "/mcp") -> httpx.Response:
     return httpx.post(url + path, json=rpc("tools/call", {"name": tool, "arguments": {}}), headers=bearer(key))
 
@@ -156,7 +164,13 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
         public_url=origin, tenant_path="/{tenant}/mcp", operator_credentials=(parse_key(keys["operator"])[0],)
     )
     guard = MCPGuard(
-        RecordingApp(), config, keys=cheap_keyring(store), tool_lister=list_tools, audit=SQLiteAuditStore(str(database))
+        RecordingApp(),
+        config,
+        keys=cheap_keyring(store),
+        tool_lister=list_tools,
+        audit=SQLiteAuditStore(str(database)),
+        # The probes read the trail far more often in a minute than the default allows a reviewer.
+        rate_limits=RateLimits(per_audit_read="10000/minute"),
     )
     with serve(guard, port) as url:
         for _ in range(3):
@@ -172,7 +186,8 @@ def trail(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trail]:
 
 def assert_no_globex(trail: Trail, body: bytes) -> None:
     """Nothing of globex's trail is in ``body``: no call of it, no row naming it. (acme's own entries may name a
-    globex id in their path: those are acme's lookups, recorded as acme's.)"""
+    globex id in their path: those are acme's lookups, recorded as acme's; acme's trail also holds the operator's
+    reads of it.)"""
     try:
         parsed = json.loads(body)
     except ValueError:
@@ -187,7 +202,7 @@ def assert_no_globex(trail: Trail, body: bytes) -> None:
         assert "globex" not in text.replace("tenant=globex", "")
         return
     assert not {row["id"] for row in rows} & set(trail.globex_ids)
-    assert all(row["tenant"] == "acme" for row in rows)
+    assert trails(rows) <= {"acme"}
 
 
 @pytest.mark.threat("T-AUDIT-CROSS-TENANT", "T-PATH-EVASION")
@@ -240,10 +255,10 @@ def test_identity_headers_name_neither_a_tenant_nor_the_operator(trail: Trail) -
     answer = raw_get(trail.url, TOOL_CALLS + "?limit=1000", {**bearer(trail.keys["acme-audit"]), **spoofed})
     assert answer.status in (200, 400)
     if answer.status == 200:
-        assert {c["tenant"] for c in json.loads(answer.body)["calls"]} == {"acme"}
+        assert trails(json.loads(answer.body)["calls"]) == {"acme"}
     assert_no_globex(trail, answer.body)
     tidy = {k: v for k, v in spoofed.items() if not k.endswith(" ")}
-    assert {c["tenant"] for c in trail.calls("acme-audit", "?limit=1000", **tidy)} == {"acme"}
+    assert trails(trail.calls("acme-audit", "?limit=1000", **tidy)) == {"acme"}
     assert trail.get("acme-audit", "?tenant=globex", **tidy).status_code == 403
 
 
@@ -252,11 +267,11 @@ def test_another_tenants_audit_key_reads_only_its_own_tenant(trail: Trail) -> No
     """globex's reviewer sees globex alone, whether asking for everything, for acme's call ids or with acme's
     cursor; acme's call ids read as no call at all."""
     seen = trail.calls("globex-audit", "?limit=1000")
-    assert {c["tenant"] for c in seen} == {"globex"}
+    assert trails(seen) == {"globex"}
     for call_id in trail.acme_ids[:3]:
         assert trail.get("globex-audit", path=f"{TOOL_CALLS}/{call_id}").status_code == 404
     after_acme = trail.calls("globex-audit", f"?limit=1000&cursor={cursor_for(trail.acme_ids[0])}")
-    assert {c["tenant"] for c in after_acme} <= {"globex"}
+    assert trails(after_acme) <= {"globex"}
 
 
 @pytest.mark.threat("T-AUDIT-CROSS-TENANT")
@@ -317,7 +332,7 @@ def test_forged_cursors_are_refused_or_stay_within_the_tenant(trail: Trail, curs
     assert answer.status_code in (200, 400)
     assert_no_globex(trail, answer.content)
     if answer.status_code == 200:
-        assert {c["tenant"] for c in answer.json()["calls"]} <= {"acme"}
+        assert trails(answer.json()["calls"]) <= {"acme"}
 
 
 @pytest.mark.threat("T-AUDIT-CROSS-TENANT")
@@ -453,14 +468,29 @@ def test_no_answer_holds_a_key_secret(trail: Trail, accept: str) -> None:
     assert "Bearer" not in text
 
 
-def recorded(trail: Trail, agent: str, label: str = "operator", query: str = "?limit=1000") -> list[dict[str, Any]]:
-    """The entries made by requests that sent ``agent`` as their user agent (they are written once answered)."""
+def recorded(
+    trail: Trail, agent: str, label: str = "operator", query: str = "?limit=1000", count: int = 1
+) -> list[dict[str, Any]]:
+    """The entries ``label`` sees of requests that sent ``agent`` as their user agent, once ``count`` are there (they
+    are written once answered)."""
     found: list[dict[str, Any]] = []
     for _ in range(100):
         found = [c for c in trail.calls(label, query) if c.get("user_agent") == agent]
-        if found:
+        if len(found) >= count:
             return found
         time.sleep(0.02)
+    return found
+
+
+def rows_of(answer: httpx.Response) -> list[dict[str, Any]]:
+    """The calls of a JSON page, an NDJSON export or a CSV export (an empty cell read as null)."""
+    assert answer.status_code == 200, answer.text
+    kind = answer.headers["content-type"].split(";")[0]
+    if kind == "application/x-ndjson":
+        return [json.loads(line) for line in answer.text.splitlines()]
+    if kind == "text/csv":
+        return [{k: v or None for k, v in row.items()} for row in csv.DictReader(io.StringIO(answer.text))]
+    found: list[dict[str, Any]] = answer.json()["calls"]
     return found
 
 
@@ -492,28 +522,123 @@ def test_reading_the_trail_is_recorded_allowed_or_refused(trail: Trail) -> None:
     assert all(c["tenant"] == "acme" and c["http_method"] == "GET" and c["outcome"] == "local" for c in entries)
 
 
-@pytest.mark.threat("T-AUDIT-GAP")
-def test_an_operators_cross_tenant_read_is_recorded_under_the_operator(trail: Trail) -> None:
-    """The operator reading globex's trail is recorded, under the operator's own tenant (the query string,
-    which names the tenant read, is never kept)."""
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT", "T-AUDIT-GAP")
+def test_an_operators_read_of_a_tenant_is_in_that_tenants_own_trail(trail: Trail) -> None:
+    """The operator reading globex's trail (a page, a CSV export, one call) is recorded once each, under the
+    operator's tenant and with read_tenant globex: globex's reviewer finds each entry in its own trail, in every
+    format, naming the operator's subject and key; acme's reviewer finds none."""
     agent = "operator-read/" + uuid.uuid4().hex
-    assert trail.get("operator", "?tenant=globex", **{"User-Agent": agent}).status_code == 200
-    entries = recorded(trail, agent, query="?tenant=ops&limit=1000")
-    assert [(c["tenant"], c["path"], c["status"], c["credential_id"]) for c in entries] == [
-        ("ops", TOOL_CALLS, 200, trail.key_id("operator"))
+    sent = {"User-Agent": agent}
+    assert trail.get("operator", "?tenant=globex", **sent).status_code == 200
+    assert trail.get("operator", "?tenant=globex", **sent, Accept="text/csv").status_code == 200
+    one_call = f"{TOOL_CALLS}/{trail.globex_ids[0]}"
+    assert trail.get("operator", "?tenant=globex", path=one_call, **sent).status_code == 200
+    expected = sorted(
+        ("ops", "globex", "key:operator", trail.key_id("operator"), path, 200, "allowed", "local")
+        for path in (TOOL_CALLS, TOOL_CALLS, one_call)
+    )
+    for label, query in (("globex-audit", "?limit=1000"), ("operator", "?tenant=ops&limit=1000")):
+        entries = recorded(trail, agent, label, query, count=3)
+        fields = ("tenant", "read_tenant", "subject", "credential_id", "path", "status", "decision", "outcome")
+        summary = [tuple(c[name] for name in fields) for c in entries]
+        assert sorted(summary) == expected, label
+    for accept in ("application/x-ndjson", "text/csv"):
+        exported = rows_of(trail.get("globex-audit", "?limit=1000", Accept=accept))
+        reads = [c for c in exported if c["user_agent"] == agent]
+        assert [(c["tenant"], c["read_tenant"], c["subject"]) for c in reads] == [("ops", "globex", "key:operator")] * 3
+    assert not [c for c in trail.calls("acme-audit", "?limit=1000") if c.get("user_agent") == agent]
+
+
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT", "T-AUDIT-GAP")
+def test_an_operators_read_of_every_tenant_is_recorded_as_such_and_shown_to_no_tenant(trail: Trail) -> None:
+    """The operator reading every tenant's trail (no tenant=) is recorded under its own tenant with read_tenant *;
+    neither acme's nor globex's reviewer sees it, as its size and timing describe every tenant's trail."""
+    agent = "operator-all/" + uuid.uuid4().hex
+    assert trail.get("operator", "?limit=5", **{"User-Agent": agent}).status_code == 200
+    assert trail.get("operator", **{"User-Agent": agent, "Accept": "application/x-ndjson"}).status_code == 200
+    entries = recorded(trail, agent, query="?tenant=ops&limit=1000", count=2)
+    assert [(c["tenant"], c["read_tenant"], c["subject"], c["credential_id"], c["status"]) for c in entries] == [
+        ("ops", "*", "key:operator", trail.key_id("operator"), 200)
+    ] * 2
+    assert [c["read_tenant"] for c in recorded(trail, agent, count=2)] == ["*", "*"]
+    for label in ("acme-audit", "globex-audit"):
+        seen = trail.calls(label, "?limit=1000")
+        assert not [c for c in seen if c.get("user_agent") == agent], label
+        assert "*" not in trails(seen)
+
+
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT")
+@pytest.mark.parametrize("accept", ["application/json", "application/x-ndjson", "text/csv"])
+def test_a_tenants_trail_holds_nothing_of_another_after_the_operator_read_both(trail: Trail, accept: str) -> None:
+    """After the operator read globex's trail, every tenant's, and acme's, and looked up one of globex's calls
+    under tenant=acme, acme's reviewer gets, in every format, only acme's calls and the reads of acme's trail: no
+    call of globex, no read of globex's or every tenant's trail, and not the lookup whose path names globex's call
+    (a lookup that finds nothing read nothing, and names no tenant)."""
+    agent = "operator-both/" + uuid.uuid4().hex
+    sent = {"User-Agent": agent}
+    assert trail.get("operator", "?tenant=globex", **sent).status_code == 200
+    assert trail.get("operator", **sent).status_code == 200
+    lookup = f"{TOOL_CALLS}/{trail.globex_ids[0]}"
+    assert trail.get("operator", "?tenant=acme", path=lookup, **sent).status_code == 404
+    assert trail.get("operator", "?tenant=acme", **sent).status_code == 200
+    made = recorded(trail, agent, count=4)
+    assert sorted((c["read_tenant"] or "", c["path"], c["status"]) for c in made) == [
+        ("", lookup, 404),
+        ("*", TOOL_CALLS, 200),
+        ("acme", TOOL_CALLS, 200),
+        ("globex", TOOL_CALLS, 200),
     ]
+    rows = rows_of(trail.get("acme-audit", "?limit=1000", Accept=accept))
+    assert rows
+    assert trails(rows) == {"acme"}
+    assert {c["read_tenant"] for c in rows} <= {None, "acme"}
+    assert not {c["id"] for c in rows} & set(trail.globex_ids)
+    assert [(c["tenant"], c["read_tenant"], c["path"]) for c in rows if c["user_agent"] == agent] == [
+        ("ops", "acme", TOOL_CALLS)
+    ]
+
+
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT")
+def test_a_reviewers_tenant_parameter_is_refused_recorded_and_shown_only_to_its_own_tenant(trail: Trail) -> None:
+    """acme's reviewer naming globex (on the page, an export and one call) is refused with 403 each time; each
+    refusal is in acme's trail as a tenant refusal naming no tenant read, and none is in globex's trail."""
+    agent = "reviewer-tenant/" + uuid.uuid4().hex
+    sent = {"User-Agent": agent}
+    assert trail.get("acme-audit", "?tenant=globex", **sent).status_code == 403
+    assert trail.get("acme-audit", "?tenant=globex", **sent, Accept="text/csv").status_code == 403
+    one_call = f"{TOOL_CALLS}/{trail.globex_ids[0]}"
+    assert trail.get("acme-audit", "?tenant=globex", path=one_call, **sent).status_code == 403
+    entries = recorded(trail, agent, "acme-audit", count=3)
+    assert sorted(
+        (c["tenant"], c["read_tenant"], c["status"], c["decision"], c["reason"], c["path"]) for c in entries
+    ) == sorted(("acme", None, 403, "denied", "tenant", path) for path in (TOOL_CALLS, TOOL_CALLS, one_call))
     assert not [c for c in trail.calls("globex-audit", "?limit=1000") if c.get("user_agent") == agent]
 
 
 @pytest.mark.threat("T-AUDIT-CROSS-TENANT")
+@pytest.mark.parametrize(
+    "name", ["", "*", "%2A", "globex%20", "%20globex", "glo%2Fbex", "glo bex", "a" * 129, "%00", "globex%0A", "%C3%A9"]
+)
+def test_the_operators_tenant_must_be_a_tenant_name(trail: Trail, name: str) -> None:
+    """The operator naming what no tenant can be called (empty, the every-tenant marker *, spaces, a slash, 129
+    characters, NUL, a line break, non-ASCII) is refused with 400, recorded as such, and names no tenant read."""
+    agent = "operator-bad-tenant/" + uuid.uuid4().hex
+    answer = trail.get("operator", f"?tenant={name}", **{"User-Agent": agent})
+    assert answer.status_code == 400
+    assert "tenant" in answer.json()["error_description"]
+    entries = recorded(trail, agent, query="?tenant=ops&limit=1000")
+    assert [(c["status"], c["reason"], c["read_tenant"]) for c in entries] == [(400, "invalid", None)]
+
+
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT")
 def test_operator_tenant_selection_is_exact(trail: Trail) -> None:
-    """Even for the operator: tenant= twice is 400, an empty or unknown tenant is an empty page, and one call
-    is found only under its own tenant."""
+    """Even for the operator: tenant= twice or empty is 400, another case or an unknown tenant holds none of
+    globex's calls, and one call is found only under its own tenant."""
     assert trail.get("operator", "?tenant=globex&tenant=globex").status_code == 400
     assert trail.get("operator", "?tenant=globex&tenant=acme").status_code == 400
-    assert trail.calls("operator", "?tenant=") == []
-    assert trail.calls("operator", "?tenant=GLOBEX") == []
-    assert trail.calls("operator", "?tenant=globex%20") == []
+    assert trail.get("operator", "?tenant=").status_code == 400
+    assert trails(trail.calls("operator", "?tenant=GLOBEX")) <= {"GLOBEX"}
+    assert trails(trail.calls("operator", "?tenant=no-such-tenant")) <= {"no-such-tenant"}
     call_id = trail.globex_ids[0]
     assert trail.get("operator", "?tenant=acme", path=f"{TOOL_CALLS}/{call_id}").status_code == 404
     assert trail.get("operator", "?tenant=globex", path=f"{TOOL_CALLS}/{call_id}").json()["tenant"] == "globex"
@@ -629,6 +754,61 @@ def test_each_store_keeps_filters_exact_and_the_tenant_fixed(kind: str, tmp_path
                 assert httpx.get(url + f"{TOOL_CALLS}/{call_id}", headers=audit_key).status_code == 404
                 assert {c["tenant"] for c in calls(f"?limit=1000&cursor={cursor_for(call_id)}")} <= {"acme"}
             assert httpx.get(url + f"{TOOL_CALLS}/nul%00tool", headers=audit_key).status_code == 404
+
+
+@pytest.mark.threat("T-AUDIT-CROSS-TENANT")
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_each_store_shows_an_operators_read_to_the_tenant_read_alone(kind: str, tmp_path: Path) -> None:
+    """Over SQLite and PostgreSQL alike: the operator's read of globex is in globex's trail (by the API and by the
+    store) with read_tenant globex and the operator's subject and key; its read of every tenant is recorded with *
+    and is in neither tenant's trail; acme's trail holds acme's calls alone."""
+    store = open_store("memory://")
+    specs = {
+        "acme": ("acme", ["mcp:admin"]),
+        "acme-audit": ("acme", ["mcp:audit"]),
+        "globex": ("globex", ["mcp:admin"]),
+        "globex-audit": ("globex", ["mcp:audit"]),
+        "operator": ("ops", ["mcp:audit"]),
+    }
+    keys = make_keys(store, specs)
+    operator_id = parse_key(keys["operator"])[0]
+    port = free_port()
+    with audit_stores(kind, tmp_path) as (audit, reader):
+        config = GuardConfig(public_url=f"http://127.0.0.1:{port}", operator_credentials=(operator_id,))
+        guard = MCPGuard(RecordingApp(), config, keys=cheap_keyring(store), tool_lister=list_tools, audit=audit)
+        with serve(guard, port) as url:
+
+            def calls(label: str, query: str = "?limit=1000") -> list[dict[str, Any]]:
+                answer = httpx.get(url + TOOL_CALLS + query, headers=bearer(keys[label]))
+                assert answer.status_code == 200, (label, query, answer.text)
+                found: list[dict[str, Any]] = answer.json()["calls"]
+                return found
+
+            assert tool_call(url, keys["acme"]).status_code == 200
+            assert tool_call(url, keys["globex"]).status_code == 200
+            globex_call = calls("operator", "?tenant=globex")[0]["id"]
+            calls("operator")
+            reads: list[dict[str, Any]] = []
+            for _ in range(100):
+                reads = [c for c in calls("operator", "?tenant=ops") if c["path"] == TOOL_CALLS]
+                if len(reads) == 2:
+                    break
+                time.sleep(0.02)
+            by_scope = {c["read_tenant"]: c for c in reads}
+            assert sorted(by_scope) == ["*", "globex"]
+            for read in by_scope.values():
+                assert (read["tenant"], read["subject"], read["credential_id"]) == ("ops", "key:operator", operator_id)
+            globex_trail = calls("globex-audit")
+            assert {c["id"] for c in globex_trail} >= {globex_call, by_scope["globex"]["id"]}
+            assert by_scope["*"]["id"] not in {c["id"] for c in globex_trail}
+            assert trails(globex_trail) == {"globex"}
+            acme_trail = calls("acme-audit")
+            assert acme_trail
+            assert trails(acme_trail) == {"acme"}
+            assert not {c["id"] for c in acme_trail} & {globex_call, *(c["id"] for c in reads)}
+            stored = asyncio.run(_calls_of(reader, "globex"))
+            assert by_scope["globex"]["id"] in {c["id"] for c in stored}
+            assert trails(stored) == {"globex"}
 
 
 # --- token revocation (RFC 7009) -------------------------------------------------------------------------------

@@ -183,17 +183,19 @@ def test_csv_cell(value: Any, cell: str) -> None:
 @pytest.mark.threat("T-AUDIT-CROSS-TENANT")
 @pytest.mark.parametrize("accept", [JSON, NDJSON, CSV])
 def test_every_format_is_scoped_to_the_tenant(guarded: Guarded, accept: str) -> None:
-    """In every format a tenant's reviewer gets only its own calls, and tenant= still needs the operator."""
+    """In every format a tenant's reviewer gets only its own calls and the reads of its trail, and tenant= still
+    needs the operator."""
 
     def tenants(label: str, query: str) -> set[str]:
+        """The tenant whose trail each call is in: the one it read, for a read of the trail, else its own."""
         response = guarded.get(label, query, accept=accept)
         assert response.status_code == 200, response.text
         if accept == NDJSON:
-            return {c["tenant"] for c in ndjson(response)}
+            return {c["read_tenant"] or c["tenant"] for c in ndjson(response)}
         if accept == CSV:
             header, *rows = csv_rows(response)
-            return {row[header.index("tenant")] for row in rows}
-        return {c["tenant"] for c in response.json()["calls"]}
+            return {row[header.index("read_tenant")] or row[header.index("tenant")] for row in rows}
+        return {c["read_tenant"] or c["tenant"] for c in response.json()["calls"]}
 
     assert tenants("acme-audit", "?limit=5") == {"acme"}
     assert tenants("acme-audit", "?subject=key:globex") == set()

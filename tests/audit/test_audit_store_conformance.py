@@ -33,6 +33,7 @@ from mcpguard.audit import (
     parse_query,
 )
 from mcpguard.audit.events import Phase
+from mcpguard.audit.sql import COLUMNS
 from mcpguard.errors import StorageUnavailable
 from tests.conftest import free_port
 
@@ -125,6 +126,28 @@ class Relay:
             writer.transport.abort()
 
 
+# The trail's table as stores made it before entries named the tenant whose trail they read.
+EARLIER_COLUMNS = (
+    "id", "at", "phase", "start_id", "tenant", "subject", "credential_id", "client_id", "session", "rpc_method",
+    "tool", "http_method", "path", "status", "rpc_error", "tool_error", "decision", "reason", "duration_ms",
+    "bytes_in", "bytes_out", "trace_id", "user_agent",
+)  # fmt: skip
+EARLIER_SQLITE = f"""
+CREATE TABLE audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in EARLIER_COLUMNS)});
+CREATE INDEX audit_by_tenant ON audit_events (tenant, id);
+CREATE INDEX audit_by_start ON audit_events (start_id) WHERE start_id IS NOT NULL;
+"""
+EARLIER_POSTGRES = (
+    'CREATE TABLE audit_events (id text COLLATE "C" PRIMARY KEY, at timestamptz NOT NULL, phase text NOT NULL, '
+    'start_id text COLLATE "C", tenant text, subject text, credential_id text, client_id text, session text, '
+    "rpc_method text, tool text, http_method text, path text, status integer, rpc_error bigint, tool_error boolean, "
+    "decision text, reason text, duration_ms double precision, bytes_in bigint, bytes_out bigint, trace_id text, "
+    "user_agent text)",
+    "CREATE INDEX audit_by_tenant ON audit_events (tenant, id)",
+    "CREATE INDEX audit_by_start ON audit_events (start_id)",
+)
+
+
 @dataclass
 class Backend:
     """One audit store backend under test, opened by URL in a place of this test's own."""
@@ -145,6 +168,39 @@ class Backend:
                 await store.close()
 
         asyncio.run(main())
+
+    def make_earlier_trail(self, *rows: tuple[Any, ...]) -> None:
+        """Make the trail's table as stores made it before entries named the tenant whose trail they read, holding
+        ``rows`` (values of ``EARLIER_COLUMNS``)."""
+        marks = ", ".join("?" if self.name == "sqlite" else "%s" for _ in EARLIER_COLUMNS)
+        insert = f"INSERT INTO audit_events ({', '.join(EARLIER_COLUMNS)}) VALUES ({marks})"  # noqa: S608 - fixed names
+        if self.name == "sqlite":
+            with sqlite3.connect(self.tmp_path / "audit.db") as conn:
+                conn.executescript(EARLIER_SQLITE)
+                conn.executemany(
+                    insert, [(*row[:1], row[1].isoformat(timespec="microseconds"), *row[2:]) for row in rows]
+                )
+            conn.close()
+            return
+        with psycopg.connect(pg_url(schema=self.schema), autocommit=True) as conn:
+            for statement in EARLIER_POSTGRES:
+                conn.execute(statement)
+            with conn.cursor() as cursor:
+                cursor.executemany(insert, rows)
+
+    def columns(self) -> dict[str, str]:
+        """The trail table's columns and their declared types."""
+        if self.name == "sqlite":
+            with sqlite3.connect(self.tmp_path / "audit.db") as conn:
+                found = {row[1]: row[2] for row in conn.execute("PRAGMA table_info(audit_events)")}
+            conn.close()
+            return found
+        with psycopg.connect(pg_url(schema=self.schema)) as conn:
+            query = (
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = %s AND table_name = 'audit_events'"
+            )
+            return dict(conn.execute(query, (self.schema,)).fetchall())
 
     @asynccontextmanager
     async def cuttable(self) -> AsyncIterator[tuple[AuditStore, Cut]]:
@@ -269,6 +325,7 @@ class TestAuditStoreConformance:
             "bytes_out": 4096,
             "trace_id": "0af7651916cd43dd8448eb211c80319c",
             "user_agent": "agent/1.0",
+            "read_tenant": None,
             "outcome": "complete",
         }
 
@@ -344,6 +401,71 @@ class TestAuditStoreConformance:
             assert await ids(store, None) == [anonymous.id, prefixed.id, globex.id, acme.id]
 
         backend.run(body)
+
+    def test_reads_of_a_tenants_trail_are_in_that_trail_and_nothing_more(self, backend: Backend) -> None:
+        """An entry naming the tenant whose trail it read is kept as it is; a tenant's calls are its own and the
+        reads of its trail by others (an operator's), found by any filter and paged by cursor like the rest; a read
+        of every tenant (*) is in no one tenant's trail, and another tenant's calls never come along."""
+        acme, globex, ops = start(), start(minutes=1, tenant="globex"), start(minutes=2, tenant="ops")
+        reads = {"subject": "key:operator", "credential_id": "op", "status": 200}
+        of_globex = entry("local", minutes=3, tenant="ops", read_tenant="globex", **reads)
+        of_all = entry("local", minutes=4, tenant="ops", read_tenant="*", **reads)
+        own = entry("local", minutes=5, tenant="globex", read_tenant="globex", subject="key:globex-audit")
+        of_acme = entry("local", minutes=6, tenant="ops", read_tenant="acme", **reads)
+
+        async def body(store: AuditStore) -> None:
+            await append_all(store, acme, end(acme), globex, end(globex), ops, of_globex, of_all, own, of_acme)
+            assert await ids(store, "acme") == [of_acme.id, acme.id]
+            assert await ids(store, "globex") == [own.id, of_globex.id, globex.id]
+            assert await ids(store, "ops") == [of_acme.id, of_all.id, of_globex.id, ops.id]
+            assert await ids(store, None) == [of_acme.id, own.id, of_all.id, of_globex.id, ops.id, globex.id, acme.id]
+            assert await ids(store, "globex", subject="key:operator") == [of_globex.id]
+            assert await ids(store, "globex", call_id=of_globex.id) == [of_globex.id]
+            assert await ids(store, "acme", call_id=of_globex.id) == []
+            assert await ids(store, "globex", since=of_globex.at, until=own.at) == [of_globex.id]
+            found = (await store.query(AuditQuery(tenant="globex", call_id=of_globex.id))).calls
+            shown = [(c["tenant"], c["read_tenant"], c["subject"], c["outcome"]) for c in found]
+            assert shown == [("ops", "globex", "key:operator", "local")]
+            paged: list[str] = []
+            params = {"limit": ["1"]}
+            while True:
+                page = await store.query(parse_query(params, tenant="globex"))
+                paged += [c["id"] for c in page.calls]
+                if page.next_cursor is None:
+                    break
+                params = {"limit": ["1"], "cursor": [page.next_cursor]}
+            assert paged == [own.id, of_globex.id, globex.id]
+
+        backend.run(body)
+
+    def test_a_trail_made_before_reads_named_their_tenant_takes_and_answers_entries(self, backend: Backend) -> None:
+        """A table made before read_tenant existed gets the column on opening (its rows reading back with none);
+        new entries carrying it are kept, read back and shown to the tenant read, and opening again changes
+        nothing."""
+        old = start()
+        old_end = end(old)
+        backend.make_earlier_trail(*(tuple(getattr(e, c) for c in EARLIER_COLUMNS) for e in (old, old_end)))
+        read = entry("local", minutes=1, tenant="ops", read_tenant="acme", subject="key:operator", status=200)
+
+        async def body(store: AuditStore) -> None:
+            await store.append(read, durable=True)
+            calls = (await store.query(AuditQuery(tenant="acme"))).calls
+            assert [(c["id"], c["read_tenant"], c["outcome"]) for c in calls] == [
+                (read.id, "acme", "local"),
+                (old.id, None, "complete"),
+            ]
+
+        backend.run(body)
+        assert list(backend.columns()) == list(COLUMNS)
+        assert backend.columns()["read_tenant"] in ("", "text")  # SQLite declares no type
+        later = start(minutes=2)
+
+        async def again(store: AuditStore) -> None:
+            await store.append(later, durable=True)
+            assert await ids(store, "acme") == [later.id, read.id, old.id]
+
+        backend.run(again)
+        assert list(backend.columns()) == list(COLUMNS)
 
     def test_cursor_pages_every_call_once_newest_first_while_appends_continue(self, backend: Backend) -> None:
         """Paging three at a time returns each earlier call exactly once, in order, while new calls keep arriving."""
@@ -570,7 +692,27 @@ class TestPostgres:
         assert types["at"] == "timestamp with time zone"
         assert (types["tool_error"], types["duration_ms"]) == ("boolean", "double precision")
         assert collation == ("C",)
-        assert {"audit_by_tenant", "audit_by_start"} <= indexes
+        assert {"audit_by_tenant", "audit_by_start", "audit_by_read_tenant"} <= indexes
+
+    def test_replicas_opening_together_on_an_earlier_table_add_its_column_once(self, schema: str) -> None:
+        """Stores opened at once on a table made before read_tenant existed all start, and share one trail."""
+        with psycopg.connect(pg_url(schema=schema), autocommit=True) as conn:
+            for statement in EARLIER_POSTGRES:
+                conn.execute(statement)
+
+        async def body() -> None:
+            replicas = await asyncio.gather(*(PostgresAuditStore.open(pg_url(schema=schema)) for _ in range(4)))
+            try:
+                read = entry("local", tenant="ops", read_tenant="acme", status=200)
+                await replicas[0].append(read, durable=True)
+                for replica in replicas:
+                    calls = (await replica.query(AuditQuery(tenant="acme"))).calls
+                    assert [(c["id"], c["read_tenant"]) for c in calls] == [(read.id, "acme")]
+            finally:
+                for replica in replicas:
+                    await replica.close()
+
+        asyncio.run(body())
 
     @pytest.mark.threat("T-STORE-FAIL")
     def test_unreachable_server_is_storage_unavailable(self) -> None:

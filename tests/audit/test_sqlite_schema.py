@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 from pathlib import Path
 
 from mcpguard.audit import AuditQuery, SQLiteAuditStore
-from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, iso_time
-from tests.audit.test_audit_store_conformance import end, start
+from mcpguard.audit.sql import Dialect, calls_sql, iso_time
+from tests.audit.test_audit_store_conformance import EARLIER_COLUMNS, end, start
 
-# The indexes as files were first made: every entry indexed by its start, starts (which have none) included.
+# The tables as files were first made: every entry indexed by its start, starts (which have none) included.
 EARLIER_SCHEMA = f"""
-CREATE TABLE audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in COLUMNS)});
+CREATE TABLE audit_events ({", ".join(c + (" TEXT PRIMARY KEY" if c == "id" else "") for c in EARLIER_COLUMNS)});
 CREATE INDEX audit_by_tenant ON audit_events (tenant, id);
 CREATE INDEX audit_by_start ON audit_events (start_id);
 """
@@ -31,7 +32,8 @@ def fill(path: Path, calls: int) -> None:
 
 
 def test_a_tenants_calls_are_read_through_indexes_not_a_scan(tmp_path: Path) -> None:
-    """The query for a tenant's calls finds its starts by the tenant index and each end by the start index."""
+    """The query for a tenant's calls finds its starts by the tenant index, the reads of its trail by others by the
+    read-tenant index, and each end by the start index; only the two parts' pages are scanned, to merge them."""
     fill(tmp_path / "audit.db", 50)
     sql, args = calls_sql(AuditQuery(tenant="acme", tool="read", limit=20), Dialect(param="?", time=iso_time))
     with sqlite3.connect(tmp_path / "audit.db") as conn:
@@ -40,8 +42,9 @@ def test_a_tenants_calls_are_read_through_indexes_not_a_scan(tmp_path: Path) -> 
         ends_indexed = indexed.fetchone()[0]
         (index_sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'audit_by_start'").fetchone()
     assert "USING INDEX audit_by_tenant" in plan, plan
+    assert "USING INDEX audit_by_read_tenant" in plan, plan
     assert "USING INDEX audit_by_start" in plan, plan
-    assert "SCAN" not in plan, plan
+    assert set(re.findall(r"SCAN (\w+)", plan)) == {"own", "reads"}, plan
     assert ends_indexed == 50
     assert "WHERE start_id IS NOT NULL" in index_sql
 
