@@ -166,6 +166,9 @@ def build_guard(
     its owner before anything is counted or forwarded under it. Telemetry sits outside audit, so a span's
     duration includes the audit writes, and it reads the outcome the audit records rather than rescanning.
     """
+    if audit_retention is not None and audit_retention <= timedelta(0):
+        # Retention deletes what is older than now minus it: at or below zero, that is the whole trail.
+        raise ConfigError(["audit_retention must be more than zero, or None to keep the trail for ever"])
     policy = ScopePolicy(tool_overrides=dict(config.tool_scopes))
     if catalog is None:
         lister = tool_lister if tool_lister is not None else make_tool_lister(asgi_exchange(app, config.mcp_path))
@@ -250,7 +253,8 @@ class MCPGuard:
 
     Rate limits are on by default (``RateLimits()``: 100 tool calls a minute per tenant, 20 failed
     authentications a minute per client address), counted in this process unless ``rate_limit_store``
-    names a shared store; ``rate_limits=None`` turns the tenant limit off. Telemetry is off unless
+    names a shared store; ``rate_limits=None`` turns the tenant limit off. With ``audit``, entries older than
+    ``audit_retention`` are deleted once an hour (``None`` keeps them for ever). Telemetry is off unless
     ``telemetry`` is given (``Telemetry()`` records to the global OpenTelemetry providers). With ``oauth``,
     the guard serves that authorization server's endpoints, accepts its access tokens, and names it in
     the protected-resource metadata.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,10 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from mcpguard import GuardConfig, MCPGuard, open_store
+from mcpguard import ConfigError, GuardConfig, MCPGuard, build_guard, open_store
 from mcpguard.audit import SQLiteAuditStore
 from mcpguard.keys import parse_key
+from tests.audit.test_audit_store_conformance import append_all, end, start
 from tests.conftest import cheap_keyring, free_port, make_keys, read_body, serve
 from tests.test_guard import list_tools, rpc
 
@@ -231,3 +234,36 @@ def test_bad_filters_are_reported_together(audited: Audited) -> None:
     message = response.json()["error_description"]
     for word in ("status", "limit", "since", "colour"):
         assert word in message
+
+
+@pytest.mark.threat("T-AUDIT-GAP")
+@pytest.mark.parametrize("retention", [timedelta(days=-1), timedelta(0)], ids=["negative", "zero"])
+def test_retention_that_would_delete_the_whole_trail_is_refused(tmp_path: Path, retention: timedelta) -> None:
+    """A retention at or below zero is a ConfigError from MCPGuard and build_guard, and the trail keeps every entry."""
+    database = tmp_path / "audit.db"
+    first = start()
+    seeded = (first, end(first))
+
+    async def seed() -> None:
+        store = SQLiteAuditStore(str(database))
+        await append_all(store, *seeded)
+        await store.close()
+
+    asyncio.run(seed())
+    audit = SQLiteAuditStore(str(database))
+    with pytest.raises(ConfigError) as info:
+        MCPGuard(ToolApp(database), audit=audit, audit_retention=retention)
+    assert info.value.problems == ["audit_retention must be more than zero, or None to keep the trail for ever"]
+    with pytest.raises(ConfigError):
+        build_guard(ToolApp(database), GuardConfig(), audit=audit, audit_retention=retention)
+    asyncio.run(audit.close())
+    with sqlite3.connect(database) as conn:
+        kept = {row[0] for row in conn.execute("SELECT id FROM audit_events")}
+    assert kept == {event.id for event in seeded}
+
+
+def test_no_retention_keeps_the_trail_for_ever(tmp_path: Path) -> None:
+    """``audit_retention=None``, which keeps the trail for ever, is still accepted."""
+    audit = SQLiteAuditStore(str(tmp_path / "audit.db"))
+    MCPGuard(ToolApp(tmp_path / "audit.db"), audit=audit, audit_retention=None)
+    asyncio.run(audit.close())

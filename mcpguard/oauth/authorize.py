@@ -4,7 +4,8 @@ Until the client and its redirect URI are known to match, errors are shown here 
 (RFC 6749 §4.1.2.1); after that they go back to the client with ``state`` and ``iss`` (RFC 9207). PKCE
 S256 and an RFC 8707 ``resource`` naming this server are required. The consent steps carry no server
 session: each form holds the request, a CSRF token tied to a ``__Host-`` cookie, and after sign-in a
-short-lived ticket naming the account, all MACed with a key of this process.
+short-lived ticket naming the account, all MACed with a key of this process. The store remembers only
+the tickets already spent, so each answers one decision.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class Authorizer:
             return Page(200, render_consent(view, account=account, granted=granted, ticket=ticket))
         if form.get("step") != "decide":
             return Page(400, render_error("Unknown step."))
-        account = self._account(form.get("ticket", ""), checked, cookie or "")
+        account = await self._redeem(form.get("ticket", ""), checked, cookie or "")
         if account is None:
             return Page(403, render_error("The sign-in has expired. Start again."))
         if form.get("decision") != "approve":
@@ -274,6 +275,8 @@ class Authorizer:
                 "scopes": sorted(account.scopes),
                 "exp": int(self._clock()) + _TICKET_SECONDS,
                 "req": self._fingerprint(request),
+                # Two sign-ins in the same second must not share a ticket: spending one would spend both.
+                "nonce": secrets.token_urlsafe(16),
             },
             separators=(",", ":"),
         )
@@ -281,7 +284,9 @@ class Authorizer:
         # Bound to this browser's CSRF cookie: a ticket copied elsewhere is worthless.
         return f"{encoded}.{self._mac('ticket', encoded, cookie)}"
 
-    def _account(self, ticket: str, request: AuthorizationRequest, cookie: str) -> Account | None:
+    async def _redeem(self, ticket: str, request: AuthorizationRequest, cookie: str) -> Account | None:
+        """The account a valid ticket names, spending the ticket: a second decision with it, even a concurrent
+        one, finds it spent."""
         encoded, _, mac = ticket.partition(".")
         if not encoded or not _same(mac, self._mac("ticket", encoded, cookie)):
             return None
@@ -289,7 +294,15 @@ class Authorizer:
             claims: dict[str, Any] = json.loads(_unb64(encoded))
         except ValueError:
             return None
-        if claims["exp"] < self._clock() or not _same(claims["req"], self._fingerprint(request)):
+        now = self._clock()
+        if claims["exp"] < now or not _same(claims["req"], self._fingerprint(request)):
+            return None
+        spent = await self._codes.spend_ticket(
+            hashlib.sha256(ticket.encode()).hexdigest(),
+            expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+            at=datetime.fromtimestamp(now, UTC),
+        )
+        if not spent:
             return None
         return Account(
             subject=claims["sub"],

@@ -189,13 +189,18 @@ class ClientStore(Protocol):
 
 @runtime_checkable
 class CodeStore(Protocol):
-    """Keeps authorization codes by hash; consuming one is a single atomic operation."""
+    """Keeps authorization codes, and the consent tickets they are issued for, by hash; using either is one
+    atomic operation."""
 
     async def add_code(self, record: CodeRecord) -> None:
         """Insert a new code; an existing ``code_hash`` is a ``ValueError``."""
 
     async def consume_code(self, code_hash: str, at: datetime) -> CodeConsumption:
         """Use the code once: of any number of concurrent calls for one code, exactly one is ``FRESH``."""
+
+    async def spend_ticket(self, ticket_hash: str, expires_at: datetime, at: datetime) -> bool:
+        """Use a consent ticket once: of any number of concurrent calls for one ticket before ``expires_at``,
+        exactly one is ``True``; at or after it every call is ``False``, and the ticket may be forgotten."""
 
 
 @runtime_checkable

@@ -32,6 +32,7 @@ class MemoryStore:
         self._keys: dict[str, KeyRecord] = {}
         self._clients: dict[str, ClientRecord] = {}
         self._codes: dict[str, CodeRecord] = {}
+        self._tickets: dict[str, datetime] = {}  # spent consent tickets, until they expire
         self._families: dict[str, Family] = {}
         # Every refresh token a family ever issued, so that an old one is recognised as reuse.
         self._refresh_owners: dict[str, str] = {}
@@ -92,6 +93,18 @@ class MemoryStore:
         if consumption.record is not None:
             self._codes[code_hash] = consumption.record
         return consumption
+
+    async def spend_ticket(self, ticket_hash: str, expires_at: datetime, at: datetime) -> bool:
+        """Use a consent ticket once: of any number of concurrent calls for one ticket before ``expires_at``,
+        exactly one is ``True``; at or after it every call is ``False``, and the ticket may be forgotten."""
+        if at >= expires_at:
+            return False
+        # Tickets live minutes and are spent at a person's pace, so a sweep per spend stays small.
+        self._tickets = {spent: until for spent, until in self._tickets.items() if until > at}
+        if ticket_hash in self._tickets:
+            return False
+        self._tickets[ticket_hash] = expires_at
+        return True
 
     async def add_grant(self, grant: GrantRecord, refresh_hash: str) -> None:
         """Create the grant's family, ``refresh_hash`` its live token; a known id or hash is a ``ValueError``."""

@@ -1,4 +1,4 @@
-"""The SQLite tables of the authorization server's clients, authorization codes and local users.
+"""The SQLite tables of the authorization server's clients, authorization codes, consent tickets and local users.
 
 A mixin of :class:`~mcpguard.stores.sqlite.SQLiteStore`, which lends it its connections.
 """
@@ -44,6 +44,11 @@ CREATE TABLE IF NOT EXISTS oauth_codes (
     expires_at TEXT NOT NULL,
     consumed_at TEXT
 );
+CREATE TABLE IF NOT EXISTS oauth_consent_tickets (
+    ticket_hash TEXT PRIMARY KEY,
+    expires_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS oauth_consent_tickets_by_expiry ON oauth_consent_tickets (expires_at);
 CREATE TABLE IF NOT EXISTS oauth_users (
     user_id TEXT PRIMARY KEY,
     email TEXT NOT NULL UNIQUE,
@@ -67,6 +72,8 @@ _CODE_COLUMNS = (
 _INSERT_CODE = f"INSERT INTO oauth_codes ({_CODE_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 (see above)
 _SELECT_CODE = f"SELECT {_CODE_COLUMNS} FROM oauth_codes WHERE code_hash = ?"  # noqa: S608 (see above)
 _SET_CODE_CONSUMED = "UPDATE oauth_codes SET consumed_at = ? WHERE code_hash = ?"
+_FORGET_TICKETS = "DELETE FROM oauth_consent_tickets WHERE expires_at <= ?"
+_SPEND_TICKET = "INSERT INTO oauth_consent_tickets (ticket_hash, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING"
 
 _USER_COLUMNS = "user_id, email, password_hash, tenants, scopes, created_at, disabled_at"
 _INSERT_USER = f"INSERT INTO oauth_users ({_USER_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608 (see above)
@@ -157,7 +164,7 @@ def _insert(conn: sqlite3.Connection, statement: str, row: tuple[str | None, ...
 
 
 class OAuthTables:
-    """Clients, codes and users of the authorization server, each method one statement or one transaction."""
+    """Clients, codes, tickets and users of the authorization server, each method one statement or one transaction."""
 
     async def add_client(self: Connections, record: ClientRecord) -> None:
         """Insert a new client; an existing ``client_id`` is a ``ValueError``."""
@@ -189,6 +196,19 @@ class OAuthTables:
                 if after is not None and after.consumed_at != before.consumed_at:
                     conn.execute(_SET_CODE_CONSUMED, (timestamp(after.consumed_at), code_hash))
                 return consumption
+
+        return await self._run(transaction)
+
+    async def spend_ticket(self: Connections, ticket_hash: str, expires_at: datetime, at: datetime) -> bool:
+        """Use a consent ticket once: of any number of concurrent calls for one ticket before ``expires_at``,
+        exactly one is ``True``; at or after it every call is ``False``, and the ticket may be forgotten."""
+        if at >= expires_at:
+            return False
+
+        def transaction(conn: sqlite3.Connection) -> bool:
+            with immediate(conn):
+                conn.execute(_FORGET_TICKETS, (timestamp(at),))
+                return conn.execute(_SPEND_TICKET, (ticket_hash, timestamp(expires_at))).rowcount == 1
 
         return await self._run(transaction)
 

@@ -258,6 +258,45 @@ class TestCodeStoreConformance:
         assert Counter(run(race())) == {CodeOutcome.FRESH: 1, CodeOutcome.REPLAYED: 19}
 
 
+class TestConsentTicketConformance:
+    """What every ``CodeStore`` backend guarantees of consent tickets: each answers one decision, and only in time."""
+
+    EXPIRES = T0 + timedelta(minutes=5)
+
+    @pytest.mark.threat("T-CONSENT-CSRF")
+    def test_a_ticket_is_spent_once(self, store: Store) -> None:
+        """The first spend is True; every later one before its expiry is False, other tickets unaffected."""
+        assert run(store.spend_ticket(h("t1"), self.EXPIRES, T0)) is True
+        for at in (T0, T0 + timedelta(seconds=1), self.EXPIRES - TICK):
+            assert run(store.spend_ticket(h("t1"), self.EXPIRES, at)) is False
+        assert run(store.spend_ticket(h("t2"), self.EXPIRES, T0 + timedelta(seconds=1))) is True
+
+    def test_expiry_is_exclusive(self, store: Store) -> None:
+        """A ticket can be spent until just before expires_at; at it or after, never, spent before or not."""
+        assert run(store.spend_ticket(h("early"), self.EXPIRES, self.EXPIRES - TICK)) is True
+        assert run(store.spend_ticket(h("late"), self.EXPIRES, self.EXPIRES)) is False
+        for label in ("early", "late"):
+            assert run(store.spend_ticket(h(label), self.EXPIRES, self.EXPIRES + timedelta(hours=1))) is False
+
+    def test_expired_tickets_do_not_hide_fresh_ones(self, store: Store) -> None:
+        """Spending after many tickets have expired still spends a new ticket once, and the old ones stay refused."""
+        for i in range(50):
+            assert run(store.spend_ticket(h(f"old-{i}"), T0 + timedelta(seconds=i + 1), T0)) is True
+        later = T0 + timedelta(minutes=1)
+        assert run(store.spend_ticket(h("new"), later + timedelta(minutes=5), later)) is True
+        assert run(store.spend_ticket(h("new"), later + timedelta(minutes=5), later)) is False
+        assert run(store.spend_ticket(h("old-0"), T0 + timedelta(seconds=1), later)) is False
+
+    @pytest.mark.threat("T-CONSENT-CSRF")
+    def test_concurrent_spends_have_exactly_one_winner(self, store: Store) -> None:
+        """Of 20 concurrent spends of one ticket exactly one is True."""
+
+        async def race() -> list[bool]:
+            return list(await asyncio.gather(*(store.spend_ticket(h("t1"), self.EXPIRES, T0) for _ in range(20))))
+
+        assert Counter(run(race())) == {True: 1, False: 19}
+
+
 class TestGrantStoreConformance:
     """What every ``GrantStore`` backend guarantees about grants, outside rotation."""
 
@@ -612,7 +651,8 @@ class TestSQLiteOAuth:
     """What only SQLite promises: persistence, atomicity across threads and connections, failing closed."""
 
     def test_records_persist_across_reopen(self, tmp_path: Path) -> None:
-        """Clients, codes, grants with their token history, and users read back the same after reopening the file."""
+        """Clients, codes, grants with their token history, users and spent tickets read back the same after reopening
+        the file."""
         url = store_url("sqlite", tmp_path)
         first = open_store(url)
         run(first.add_client(client()))
@@ -621,6 +661,7 @@ class TestSQLiteOAuth:
         run(first.add_grant(grant(), h("r0")))
         rotated = run(first.rotate_refresh(h("r0"), h("r1"), T0, NO_GRACE)).grant
         run(first.add_user(user(email="Alice@Example.com")))
+        run(first.spend_ticket(h("t1"), T0 + timedelta(minutes=5), T0))
         run(first.close())
         reopened = open_store(url)
         try:
@@ -629,6 +670,7 @@ class TestSQLiteOAuth:
             assert run(reopened.get_grant("g1")) == rotated
             assert run(reopened.list_grants("acme")) == [rotated]
             assert run(reopened.get_user_by_email("alice@example.com")) == user()
+            assert run(reopened.spend_ticket(h("t1"), T0 + timedelta(minutes=5), T0)) is False
             replayed = run(reopened.rotate_refresh(h("r0"), h("r2"), T0 + timedelta(seconds=1), NO_GRACE))
             assert replayed.outcome is RotationOutcome.REUSE_REVOKED
         finally:
@@ -641,7 +683,8 @@ class TestSQLiteOAuth:
         with closing(sqlite3.connect(path)) as conn:
             tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             indexes = {row[1] for row in conn.execute("PRAGMA index_list(oauth_grants)")}
-        assert {"oauth_clients", "oauth_codes", "oauth_grants", "oauth_refresh_tokens", "oauth_users"} <= tables
+        expected = {"oauth_clients", "oauth_codes", "oauth_consent_tickets", "oauth_grants", "oauth_refresh_tokens"}
+        assert expected | {"oauth_users"} <= tables
         assert "oauth_grants_by_tenant" in indexes
 
     @pytest.mark.threat("T-CODE-REPLAY")
@@ -661,6 +704,24 @@ class TestSQLiteOAuth:
             for opened in stores:
                 run(opened.close())
         assert Counter(outcomes) == {CodeOutcome.FRESH: 1, CodeOutcome.REPLAYED: 19}
+
+    @pytest.mark.threat("T-CONSENT-CSRF")
+    def test_ticket_spent_from_threads_and_connections_has_one_winner(self, tmp_path: Path) -> None:
+        """20 threads, each with its own event loop, over 4 connections to one file: exactly one spend is True."""
+        url = store_url("sqlite", tmp_path)
+        stores = [open_store(url) for _ in range(4)]
+        expires = T0 + timedelta(minutes=5)
+        try:
+            spent = in_threads(
+                [
+                    lambda s=stores[i % 4]: run(s.spend_ticket(h("t1"), expires, T0 + timedelta(seconds=1)))
+                    for i in range(20)
+                ]
+            )
+        finally:
+            for opened in stores:
+                run(opened.close())
+        assert Counter(spent) == {True: 1, False: 19}
 
     @pytest.mark.threat("T-REFRESH-REPLAY")
     @pytest.mark.parametrize("grace", [NO_GRACE, GRACE])
