@@ -1,8 +1,9 @@
 """The processes behind a stdio upstream: one per session, each speaking newline-delimited JSON-RPC.
 
 A process starts in a process group of its own with a minimal environment (never the client's headers or
-identity), its stderr is the sidecar's, and the whole group is ended when the session is deleted, goes
-idle, the process exits, or we shut down.
+identity) and a temporary directory of its own (``stdio_processes.py``), its stderr is the sidecar's, and the
+whole group is ended (and that directory removed) when the session is deleted, goes idle, the process exits,
+or we shut down.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,14 +24,25 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from mcpguard import UpstreamUnavailable, read_json
+from mcpguard import read_json
+from sidecar.stdio_processes import (
+    TEMP_ENV,
+    discard_temp_dir,
+    exited,
+    make_temp_dir,
+    parent_death_prefix,
+    raise_not_started,
+    remove_temp_dir,
+    signal_group,
+    spawn,
+)
 
 __all__ = ["Channel", "ChannelItem", "Failure", "Message", "Session", "StdioSessions", "StdioSettings"]
 
 logger = logging.getLogger("mcpguard.sidecar.stdio")
 
-# What a stdio server needs to find its tools, home, locale and temporary files; nothing else of ours.
-_INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TMPDIR", "TZ", "USER")
+# What a stdio server needs to find its tools, home and locale; nothing else of ours.
+_INHERITED_ENV = ("HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TZ", "USER")
 # Server messages kept for a GET stream that is not open yet, and queued per stream for a slow client.
 _BACKLOG = 256
 _MAX_QUEUED = 1024
@@ -39,12 +52,17 @@ _EXIT_GRACE = 0.5
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StdioSettings:
-    """The command to run per session and the limits that bound what sessions may cost."""
+    """The command to run per session and the limits that bound what sessions may cost.
+
+    ``cwd`` is shared by every session's process (the server's own files live there); ``temp_root`` is where each
+    session's private temporary directory is made (``None``: the sidecar's own temporary directory).
+    """
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
     inherit_env: tuple[str, ...] = _INHERITED_ENV
     cwd: str | None = None
+    temp_root: str | None = None
     max_sessions: int = 64
     idle_timeout: float = 30 * 60.0
     read_timeout: float = 300.0
@@ -104,16 +122,24 @@ class Session:
         "process",
         "progress",
         "reader",
+        "temp_dir",
         "tenant",
         "write_lock",
     )
 
     def __init__(
-        self, session_id: str, process: asyncio.subprocess.Process, now: float, tenant: str | None = None
+        self,
+        session_id: str,
+        process: asyncio.subprocess.Process,
+        now: float,
+        tenant: str | None = None,
+        *,
+        temp_dir: str,
     ) -> None:
         self.id = session_id
         self.process = process
         self.tenant = tenant
+        self.temp_dir = temp_dir  # the process's TMPDIR, removed once its group is gone
         self.pending: dict[str, Channel] = {}  # by request id, oldest first
         self.progress: dict[str, str] = {}  # progress token → request id
         self.listener: Channel | None = None
@@ -156,6 +182,8 @@ class StdioSessions:
             # Exported shell functions are code, not configuration.
             if (value := os.environ.get(name)) is not None and not value.startswith("()")
         } | dict(settings.env)
+        # Resolved once: a server outlives a sidecar killed outright only where this is empty.
+        self._prefix = parent_death_prefix()
         self._sessions: dict[str, Session] = {}
         # Processes being started, by the tenant they are for.
         self._starting_for: collections.Counter[str | None] = collections.Counter()
@@ -194,27 +222,28 @@ class StdioSessions:
             held = sum(1 for session in self._sessions.values() if session.tenant == tenant)
             if held + self._starting_for[tenant] + self._ending_for[tenant] >= max(1, self.settings.max_sessions // 2):
                 return None
+        if self._prefix and not self.command_available():
+            # Started through setpriv, a missing command would only show as setpriv's exit status.
+            raise_not_started(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
         self._starting_for[tenant] += 1
         try:
-            _keep_descriptors_from_children()
-            process = await asyncio.create_subprocess_exec(
-                *self.settings.argv,
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                env=self._env,
-                cwd=self.settings.cwd,
-                # Its own group: a terminal's Ctrl-C does not reach it, and its children end with it.
-                start_new_session=True,
-                limit=self.settings.max_message_bytes,
-            )
-        except OSError as exc:
-            logger.warning("the upstream command could not be started: %s", exc.strerror or type(exc).__name__)
-            raise UpstreamUnavailable("the upstream MCP server command could not be started") from None
+            temp_dir = make_temp_dir(self.settings.temp_root)
+            try:
+                process = await spawn(
+                    self.settings.argv,
+                    env=self._env | dict.fromkeys(TEMP_ENV, temp_dir),
+                    cwd=self.settings.cwd,
+                    limit=self.settings.max_message_bytes,
+                    prefix=self._prefix,
+                )
+            except BaseException:
+                discard_temp_dir(temp_dir)
+                raise
         finally:
             self._starting_for[tenant] -= 1
             if not self._starting_for[tenant]:
                 del self._starting_for[tenant]
-        session = Session(secrets.token_hex(16), process, self._clock(), tenant)
+        session = Session(secrets.token_hex(16), process, self._clock(), tenant, temp_dir=temp_dir)
         self._sessions[session.id] = session
         session.reader = asyncio.create_task(self._read(session))
         self.start_reaper()
@@ -245,7 +274,7 @@ class StdioSessions:
         except (ConnectionError, RuntimeError):
             # Usually the process has exited (uvloop says so with a RuntimeError on its closed pipe): the reader then
             # ends the session with its exit status.
-            if not await _exited(session.process, 1.0):
+            if not await exited(session.process, 1.0):
                 self.end(session, Failure("the upstream MCP server closed its input"))
             return False
         return True
@@ -358,15 +387,16 @@ class StdioSessions:
             # The MCP stdio shutdown: close its input, then SIGTERM, then SIGKILL, each after a grace period.
             if process.stdin is not None:
                 process.stdin.close()
-            if not await _exited(process, grace):
-                _signal_group(process, signal.SIGTERM)
-                if not await _exited(process, grace):
-                    _signal_group(process, signal.SIGKILL)
+            if not await exited(process, grace):
+                signal_group(process, signal.SIGTERM)
+                if not await exited(process, grace):
+                    signal_group(process, signal.SIGKILL)
                     await process.wait()
         # Whatever the server started shares its group and must not outlive the session.
-        _signal_group(process, signal.SIGKILL)
+        signal_group(process, signal.SIGKILL)
         if session.reader is not None:
             session.reader.cancel()
+        await remove_temp_dir(session.temp_dir)
 
     async def _reap_idle(self) -> None:
         timeout = self.settings.idle_timeout
@@ -378,38 +408,6 @@ class StdioSessions:
                     self.end(session, Failure("the session was idle too long"))
 
 
-def _keep_descriptors_from_children() -> None:
-    """Mark every open descriptor but the standard three close-on-exec, so no server process inherits one.
-
-    Python opens its own that way, but a launcher or a library may leave some inheritable, and uvloop's
-    subprocess_exec ignores ``close_fds``: each tenant's server would hold what the sidecar holds.
-    """
-    for listing in ("/proc/self/fd", "/dev/fd"):
-        try:
-            descriptors = [int(name) for name in os.listdir(listing)]
-        except (OSError, ValueError):
-            continue
-        for fd in descriptors:
-            if fd > 2:
-                with contextlib.suppress(OSError):  # the listing's own descriptor, closed by now
-                    if os.get_inheritable(fd):
-                        os.set_inheritable(fd, False)
-        return
-
-
 def _key(value: Any) -> str:
     """A JSON-RPC id (or progress token) as a dict key that keeps 1 and "1" apart."""
     return json.dumps(value)
-
-
-async def _exited(process: asyncio.subprocess.Process, within: float) -> bool:
-    try:
-        await asyncio.wait_for(process.wait(), within)
-    except TimeoutError:
-        return False
-    return True
-
-
-def _signal_group(process: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is already gone
-        os.killpg(process.pid, sig)

@@ -28,6 +28,7 @@ from mcpguard import GuardConfig, open_audit_store, open_store
 from sidecar.app import build_stdio_sidecar
 from sidecar.serve import sidecar_from_settings
 from sidecar.settings import load_settings
+from sidecar.stdio_processes import parent_death_prefix
 from sidecar.stdio_upstream import StdioSettings, StdioUpstream
 from tests.conftest import LEGACY_HEADERS, LEGACY_INITIALIZE, cheap_keyring, free_port, make_keys, serve
 
@@ -40,14 +41,14 @@ LIST_CHANGED = {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
 
 # A raw stdio MCP server. Flags on its command line: `stubborn` ignores SIGTERM, `stubborn` and `linger` keep
 # running after their input closes, `slow-init` takes two seconds to answer initialize. Its tools report what
-# the process sees (environment, descriptors, arguments) or misbehave on purpose.
+# the process sees (environment, descriptors, arguments, its temporary directory) or misbehave on purpose.
 SERVER = r"""
-import json, os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys, tempfile, time
 
 FLAGS = set(sys.argv[1:])
 HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("env", "fds", "argv", "pid", "echo_args", "calls", "worker", "crash_leaving_worker", "noise",
-         "stderr", "announce", "ask", "flip")
+         "stderr", "announce", "ask", "flip", "scratch", "peek")
 
 
 def send(message):
@@ -148,6 +149,23 @@ for line in sys.stdin:
                 if answer.get("id") == "from-server-1" and "method" not in answer:
                     result(rid, answer.get("result"))
                     break
+        elif name == "scratch":
+            # A note in its temporary directory, a read-only directory tree and a symlink out of it.
+            temp = tempfile.gettempdir()
+            with open(os.path.join(temp, "note"), "w") as file:
+                file.write(args.get("text") or "")
+            inner = os.path.join(temp, "locked", "inner")
+            os.makedirs(inner)
+            open(os.path.join(inner, "kept"), "w").close()
+            os.chmod(inner, 0)
+            os.chmod(os.path.dirname(inner), 0o500)
+            os.symlink(HERE, os.path.join(temp, "outside"))
+            result(rid, temp)
+        elif name == "peek":
+            temp = tempfile.gettempdir()
+            note = os.path.join(temp, "note")
+            text = open(note).read() if os.path.exists(note) else None
+            result(rid, {"dir": temp, "entries": sorted(os.listdir(temp)), "note": text})
         else:
             result(rid, name)
     else:
@@ -301,7 +319,9 @@ class Stream:
 
 
 # What leaves the sidecar's environment for a stdio server: nothing beyond these, and what stdio_env adds.
-INHERITED = {"HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TMPDIR", "TZ", "USER"}
+INHERITED = {"HOME", "LANG", "LC_ALL", "LOGNAME", "PATH", "SHELL", "TERM", "TZ", "USER"}
+# Set by the sidecar to the session's own temporary directory.
+TEMP = {"TEMP", "TMP", "TMPDIR"}
 # Python itself sets this in its own environment when the locale is C (PEP 538).
 INTERPRETER = {"LC_CTYPE"}
 
@@ -332,7 +352,7 @@ def test_server_environment_holds_none_of_the_sidecars_secrets(tmp_path: Path, m
     key = make_keys(app.store, {"read": ("acme", ["mcp:read"])})["read"]
     with serve(app, port) as url:
         env = value(call(url, key, opened(url, key), "env"))
-    assert set(env) <= INHERITED | INTERPRETER | {"API_TOKEN", "LITERAL"}
+    assert set(env) <= INHERITED | INTERPRETER | TEMP | {"API_TOKEN", "LITERAL"}
     assert not [name for name in env if name.startswith("MCPGUARD")]
     assert (env["API_TOKEN"], env["LITERAL"], env["PATH"]) == ("for-the-server", "$HOME", os.environ["PATH"])
     assert "TZ" not in env
@@ -683,3 +703,17 @@ def test_drain_seconds_zero_does_not_wait_forever_for_a_stream(tmp_path: Path) -
         process.send_signal(signal.SIGTERM)
         assert exits(process, within=5), "the sidecar still runs 5 s after SIGTERM, its server too"
         assert gone(pid, within=1)
+
+
+@pytest.mark.threat("T-STDIO-SHARE")
+def test_server_does_not_outlive_a_sidecar_killed_outright(tmp_path: Path) -> None:
+    """A sidecar killed with SIGKILL ends no session itself, yet its servers do not live on with a tenant's state,
+    not even one that keeps running once its input closes: the kernel kills each (parent-death signal, set through
+    util-linux's setpriv, which Debian always has)."""
+    assert parent_death_prefix(), "setpriv (util-linux) is not installed"
+    with sidecar_command(tmp_path, "stubborn") as (url, key, process):
+        pids = [value(call(url, key, opened(url, key), "pid")) for _ in range(2)]
+        assert all(alive(pid) for pid in pids)
+        process.kill()
+        process.wait(10)
+        assert all(gone(pid, within=5) for pid in pids)
