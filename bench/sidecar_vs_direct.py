@@ -3,7 +3,8 @@
 Run from the repository root::
 
     python bench/sidecar_vs_direct.py [--seconds 10] [--warmup 2] [--concurrency 1,16,64]
-        [--upstreams demo,echo] [--targets direct,sidecar,bare,nginx] [--rounds 1] [--pin] [--out results.json]
+        [--upstreams demo,echo] [--targets direct,sidecar,sidecar-pool,bare,bare-pool,nginx] [--rounds 1]
+        [--pin] [--out results.json]
         [--proxy-cmd "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"]
 
 With ``--rounds N`` every concurrency is measured N times, the targets taking turns within each round,
@@ -22,8 +23,10 @@ the proxy is the bottleneck). Targets: ``direct`` to the upstream, the proxy com
 ``--proxy-name``; placeholders ``{upstream}``, ``{listen}``, ``{host}``, ``{port}``, ``{state}``)
 ``bare`` (``bench.bare_proxy``: the sidecar's own HTTP stack, uvicorn and the same aiohttp forwarding,
 with no guard, so the guard's share shows beside the stack's in every run) and ``nginx`` (one worker,
-upstream keep-alive, no buffering) when it is installed. ``bare`` and ``nginx`` are references: they are
-judged against the same targets, so a run shows what the stack alone and a C proxy reach.
+upstream keep-alive, no buffering) when it is installed. With the default proxy command, ``sidecar-pool``
+and ``bare-pool`` are the same two forwarding with the sidecar's own HTTP/1.1 pool
+(``upstream_client = "pool"``) instead of aiohttp. ``bare``, ``bare-pool`` and ``nginx`` are references:
+they are judged against the same targets, so a run shows what the stack alone and a C proxy reach.
 
 For the proxy, a ``mcp:read`` key is made first with ``--key-cmd`` (production argon2 profile; its
 verification is cached by the guard) unless ``--key`` or ``--no-key`` is given, and the proxy runs
@@ -77,7 +80,10 @@ DEFAULT_PROXY_CMD = "mcpguard sidecar --upstream {upstream} --listen {listen} --
 DEFAULT_KEY_CMD = "mcpguard keys create --tenant bench --scopes mcp:read --state {state} --json"
 # The sidecar's HTTP stack with no guard in front of it: the floor under the sidecar's figures.
 BARE_CMD = [sys.executable, "-m", "bench.bare_proxy", "--upstream", "{upstream}", "--listen", "{listen}"]
-REFERENCES = ("bare", "nginx")
+REFERENCES = ("bare", "bare-pool", "nginx")
+# The sidecar's own HTTP/1.1 pool instead of aiohttp: the -pool targets, with and without the guard.
+POOL_SUFFIX = "-pool"
+POOL_ENV = {"MCPGUARD_UPSTREAM_CLIENT": "pool"}
 
 # wrk counts answers with status >= 400 as status errors; the preflight call must have answered 200.
 ERROR_LABELS = {
@@ -387,8 +393,9 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 conf = nginx_conf(directory, listen, port)
                 cmd = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "nginx-error.log")]
                 target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
-            elif name == "bare":
+            elif name in ("bare", "bare" + POOL_SUFFIX):
                 cmd = [word.format(upstream=up.url, listen=f"127.0.0.1:{listen}") for word in BARE_CMD]
+                cmd += ["--client", "pool" if name.endswith(POOL_SUFFIX) else "aiohttp"]
                 target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
             else:
                 values = {
@@ -401,6 +408,8 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 env = {k: v for k, v in os.environ.items() if k != "MCPGUARD_ARGON2_PROFILE"}
                 env["MCP_RATE_LIMIT_PER_MIN"] = str(args.rate_limit)
                 env.update(pair.split("=", 1) for pair in args.proxy_env)
+                if name == args.proxy_name + POOL_SUFFIX:
+                    env.update(POOL_ENV)
                 target_proc = start(pinned(command(args.proxy_cmd, **values), LOAD_CPU if args.pin else None), log, env)
             started.append(target_proc)
             try:
@@ -545,7 +554,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds before each run (default 2)")
     parser.add_argument("--concurrency", default="1,16,64", help="connection counts (default 1,16,64)")
     parser.add_argument("--upstreams", default="demo,echo", help="of demo,echo (default both)")
-    parser.add_argument("--targets", default=None, help="of direct, --proxy-name, bare and nginx (default all four)")
+    parser.add_argument(
+        "--targets", default=None, help="of direct, --proxy-name (and its -pool), bare, bare-pool, nginx (default all)"
+    )
     parser.add_argument("--proxy-name", default="sidecar", help="the proxy command's name in reports")
     parser.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD, help="command template for the proxy")
     parser.add_argument("--proxy-env", action="append", default=[], metavar="NAME=VALUE", help="extra proxy env")
@@ -564,14 +575,21 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.upstreams = [u for u in args.upstreams.split(",") if u]
-    args.targets = [t for t in (args.targets or f"direct,{args.proxy_name},bare,nginx").split(",") if t]
+    pooled = args.proxy_name + POOL_SUFFIX
+    # The -pool variant of the proxy only means something for the sidecar's own command.
+    default = (
+        f"direct,{args.proxy_name},{pooled},bare,bare-pool,nginx"
+        if args.proxy_cmd == DEFAULT_PROXY_CMD
+        else (f"direct,{args.proxy_name},bare,nginx")
+    )
+    args.targets = [t for t in (args.targets or default).split(",") if t]
     unknown = [u for u in args.upstreams if u not in UPSTREAMS]
     if unknown:
         parser.error(f"unknown upstream(s) {unknown}; choose from {sorted(UPSTREAMS)}")
     if args.proxy_name in ("direct", *REFERENCES):
         parser.error(f"--proxy-name {args.proxy_name!r} is taken by a built-in target")
-    if not set(args.targets) <= {"direct", args.proxy_name, *REFERENCES}:
-        parser.error(f"targets are direct, {args.proxy_name!r} (--proxy-name), bare and nginx")
+    if not set(args.targets) <= {"direct", args.proxy_name, pooled, *REFERENCES}:
+        parser.error(f"targets are direct, {args.proxy_name!r} (--proxy-name), {pooled!r}, bare, bare-pool and nginx")
     return args
 
 
@@ -587,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mcpguard-bench-") as tmp:
         directory = Path(tmp)
         args.state = args.state or str(directory / "state.db")
-        needs_key = args.proxy_name in args.targets
+        needs_key = bool({args.proxy_name, args.proxy_name + POOL_SUFFIX} & set(args.targets))
         key = make_key(args, args.state) if needs_key else None
         headers = {**HEADERS, **({"Authorization": f"Bearer {key}"} if key else {})}
         lua = write_lua(directory, headers)

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
-import aiohttp
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcpguard import (
@@ -109,10 +108,11 @@ class SidecarApp:
                 problems.append("upstream command not found or not executable")
             return problems
         try:
-            timeout = aiohttp.ClientTimeout(total=_READY_PROBE_TIMEOUT)
-            async with self.proxy.session.head(self.proxy.settings.upstream, timeout=timeout):
-                pass  # any HTTP answer means the upstream is up and reachable
-        except (aiohttp.ClientError, TimeoutError, RuntimeError):
+            async with asyncio.timeout(_READY_PROBE_TIMEOUT):
+                reachable = await self.proxy.reachable()
+        except TimeoutError:
+            reachable = False
+        if not reachable:
             problems.append("upstream unreachable")
         return problems
 

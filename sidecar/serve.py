@@ -63,6 +63,7 @@ def sidecar_from_settings(
             argv=settings.upstream_argv,
             env=dict(settings.stdio_env),
             cwd=settings.stdio_cwd,
+            temp_root=settings.stdio_temp_root,
             max_sessions=settings.stdio_max_sessions,
             idle_timeout=settings.stdio_idle_timeout,
             read_timeout=settings.upstream_timeout,
@@ -89,6 +90,7 @@ def sidecar_from_settings(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
         max_response_bytes=settings.max_response_bytes,
+        client="pool" if settings.upstream_client == "pool" else "aiohttp",
     )
     key = settings.assertion_key(env)
     assertions = None

@@ -7,6 +7,7 @@ by where its value came from (a flag, an environment variable or a key of the fi
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 import tomllib
@@ -57,6 +58,11 @@ _LISTEN = re.compile(r"(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))
 _HOST = re.compile(r"\*|[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 _ORIGIN = re.compile(r"\*|https?://(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?/?")
 _BEARER = re.compile(r"[\x21-\x7e]+")  # visible ASCII: nothing that could split or fold a header
+# The longest timeout, drain or refresh interval a setting may give: a day. Far longer is a mistake (often a
+# number meant in other units), and far larger values overflow the timers and timedeltas they become.
+_MAX_SECONDS = 86_400.0
+# How the sidecar forwards over HTTP: aiohttp's pooled session, or the sidecar's own keep-alive pool.
+_UPSTREAM_CLIENTS = ("aiohttp", "pool")
 # The rest of a PostgreSQL URL is libpq's to read: one it cannot is refused when the sidecar starts.
 _AUDIT_SCHEMES = frozenset({"postgresql", "postgres"})
 _ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})  # noqa: S104  # compared against, never bound here
@@ -117,10 +123,12 @@ class SidecarSettings:
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     upstream_bearer_env: str | None = None
     upstream_bearer_file: str | None = None
+    upstream_client: str = "aiohttp"
     stdio_max_sessions: int = 64
     stdio_idle_timeout: float = 30 * 60.0
     stdio_env: Mapping[str, str] = field(default_factory=dict)
     stdio_cwd: str | None = None
+    stdio_temp_root: str | None = None
     audit: str | None = None
     audit_retention_days: float = 90.0
     audit_otel_logs: bool = False
@@ -313,6 +321,12 @@ class SidecarSettings:
             if not ok:
                 issues.append(_Issue((name,), message))
 
+        def check_seconds(name: str, value: float, *, zero: bool = False) -> None:
+            # Chained comparisons, so that nan, failing every one of them, is refused as well.
+            within = (0 <= value <= _MAX_SECONDS) if zero else (0 < value <= _MAX_SECONDS)
+            lowest = "at least 0" if zero else "more than 0"
+            check(name, within, f"must be {lowest} and at most {_MAX_SECONDS:.0f} seconds (a day)")
+
         if (self.upstream is None) == (self.upstream_cmd is None):
             both = self.upstream is not None
             issues.append(
@@ -392,21 +406,25 @@ class SidecarSettings:
                     message = "applies to a stdio upstream, but upstream_cmd is not set"
                     issues.append(_Issue((stdio.name,), message, depends=("upstream_cmd",)))
         check("stdio_max_sessions", self.stdio_max_sessions >= 1, "must be at least 1")
-        check("stdio_idle_timeout", self.stdio_idle_timeout > 0, "must be greater than 0")
+        check_seconds("stdio_idle_timeout", self.stdio_idle_timeout)
         for name, value in self.stdio_env.items():
             check("stdio_env", bool(_ENV_NAME.fullmatch(name)), f"{name!r} is not a variable name")
             # The value is never quoted back: it is often a credential.
             check("stdio_env", "\0" not in value, f"the value of {name!r} has a NUL character")
         if self.stdio_cwd is not None:
             check("stdio_cwd", bool(self.stdio_cwd.strip()), "must not be blank")
+        if self.stdio_temp_root is not None:
+            check("stdio_temp_root", os.path.isabs(self.stdio_temp_root), "must be an absolute path")
         if self.upstream_bearer_env is not None:
             check("upstream_bearer_env", bool(_ENV_NAME.fullmatch(self.upstream_bearer_env)), "not a variable name")
         if self.upstream_bearer_file is not None:
             check("upstream_bearer_file", bool(self.upstream_bearer_file.strip()), "must not be empty")
-        check("upstream_timeout", self.upstream_timeout > 0, "must be greater than 0")
-        check("connect_timeout", self.connect_timeout > 0, "must be greater than 0")
-        check("annotations_ttl", self.annotations_ttl >= 0, "must not be negative")
-        check("drain_seconds", self.drain_seconds >= 0, "must not be negative")
+        check("upstream_client", self.upstream_client in _UPSTREAM_CLIENTS, "must be aiohttp or pool")
+        check_seconds("upstream_timeout", self.upstream_timeout)
+        check_seconds("connect_timeout", self.connect_timeout)
+        # 0 is meaningful for these two: annotations fetched for every call, a stop without draining.
+        check_seconds("annotations_ttl", self.annotations_ttl, zero=True)
+        check_seconds("drain_seconds", self.drain_seconds, zero=True)
         check("max_response_bytes", self.max_response_bytes >= 1, "must be at least 1")
         check("rate_limit_per_min", self.rate_limit_per_min >= 1, "must be at least 1")
         for tool, limit in self.tool_response_limits.items():

@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,11 @@ from mcpguard import AssertionSigner, GuardConfig, Telemetry, open_store
 from mcpguard.audit import SQLiteAuditStore
 from sidecar.app import build_sidecar
 from sidecar.demo_server import http_app
-from sidecar.proxy import ProxySettings
+from sidecar.proxy import ProxySettings, UpstreamProxy
 from tests.conftest import LEGACY_HEADERS, LEGACY_INITIALIZE, cheap_keyring, free_port, make_keys, serve
 
 MODES = ["legacy", "auto"]
+CLIENTS = ["aiohttp", "pool"]
 UPSTREAM_SECRET = "upstream-credential-not-for-clients"
 
 
@@ -60,8 +61,15 @@ class Stack:
     keys: dict[str, str]
 
 
+@pytest.fixture(scope="module", params=CLIENTS)
+def client(request: pytest.FixtureRequest) -> str:
+    """Each upstream client the proxy can forward with."""
+    name: str = request.param
+    return name
+
+
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(client: str) -> Iterator[Stack]:
     capture = Capture(http_app())
     store = open_store("memory://")
     keys = make_keys(
@@ -81,6 +89,7 @@ def stack() -> Iterator[Stack]:
                 upstream=f"{upstream}/mcp",
                 inject_headers={"Authorization": f"Bearer {UPSTREAM_SECRET}"},
                 read_timeout=5,
+                client=client,
             ),
             store=store,
             keys=cheap_keyring(store),
@@ -253,9 +262,9 @@ def ping(url: str, key: str, rid: int) -> httpx.Response:
     )
 
 
-def test_upstream_down_is_a_clear_502() -> None:
+def test_upstream_down_is_a_clear_502(client: str) -> None:
     """With nothing listening upstream, a call gets 502 with a JSON-RPC error body, promptly."""
-    proxy = ProxySettings(upstream=f"http://127.0.0.1:{free_port()}/mcp", connect_timeout=2)
+    proxy = ProxySettings(upstream=f"http://127.0.0.1:{free_port()}/mcp", connect_timeout=2, client=client)
     with lone_sidecar(proxy) as (url, key):
         response = ping(url, key, 3)
         ready = httpx.get(url + "/readyz")
@@ -265,7 +274,7 @@ def test_upstream_down_is_a_clear_502() -> None:
     assert ready.status_code == 503
 
 
-def test_hanging_upstream_times_out_with_504() -> None:
+def test_hanging_upstream_times_out_with_504(client: str) -> None:
     """An upstream that accepts but never answers gets a 504 JSON-RPC error after the read timeout."""
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -283,7 +292,7 @@ def test_hanging_upstream_times_out_with_504() -> None:
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()
-    proxy = ProxySettings(upstream=f"http://127.0.0.1:{listener.getsockname()[1]}/mcp", read_timeout=1)
+    proxy = ProxySettings(upstream=f"http://127.0.0.1:{listener.getsockname()[1]}/mcp", read_timeout=1, client=client)
     try:
         with lone_sidecar(proxy) as (url, key):
             response = ping(url, key, 4)
@@ -297,7 +306,79 @@ def test_hanging_upstream_times_out_with_504() -> None:
     assert response.json()["error"]["data"]["error"] == "gateway_timeout"
 
 
-def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
+@contextmanager
+def canned_upstream(answer: bytes) -> Iterator[str]:
+    """An upstream on 127.0.0.1 that answers every request, on every connection, with exactly ``answer``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def answer_each(connection: socket.socket) -> None:
+        connection.settimeout(5)
+        with connection, suppress(OSError):
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.partition(b"\r\n\r\n")[2]
+                connection.sendall(answer)
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                connection, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=answer_each, args=(connection,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "length"),
+    [
+        ("GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n", None),
+        ("GET", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 8\r\n\r\n', None),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 8\r\n\r\n", "8"),
+        ("HEAD", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", None),
+    ],
+    ids=["204", "304", "head", "head-chunked"],
+)
+def test_answer_without_a_body_is_relayed_without_one(
+    client: str, method: str, answer: bytes, length: str | None
+) -> None:
+    """An upstream 204 or 304 announcing a length, or an answer to HEAD, reaches the client with no body and the
+    relay raises nothing: the 204's or 304's Content-Length is dropped, a HEAD's is kept as the upstream gave it."""
+    failures: list[BaseException] = []
+    with canned_upstream(answer) as origin:
+        proxy = UpstreamProxy(ProxySettings(upstream=f"{origin}/mcp", client=client, read_timeout=2))
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await proxy(scope, receive, send)
+            except BaseException as error:
+                failures.append(error)
+                raise
+
+        with serve(app) as url, httpx.Client(base_url=url, timeout=5) as http:
+            responses = [http.request(method, "/mcp") for _ in range(2)]
+    status = int(answer.split(b" ", 2)[1])
+    seen = [(r.status_code, r.headers.get("content-length"), r.content) for r in responses]
+    assert seen == [(status, length, b"")] * 2
+    assert failures == []
+
+
+def test_signed_assertion_reaches_the_upstream_and_verifies(client: str) -> None:
     """With a signer configured, the upstream gets an EdDSA assertion of the principal, for itself only."""
     signing_key = Ed25519PrivateKey.generate()
     capture = Capture(http_app())
@@ -309,7 +390,7 @@ def test_signed_assertion_reaches_the_upstream_and_verifies() -> None:
         signer = AssertionSigner(key=signing_key, issuer=origin, audience=f"{upstream}/mcp")
         app = build_sidecar(
             config=GuardConfig(public_url=origin),
-            proxy=ProxySettings(upstream=f"{upstream}/mcp"),
+            proxy=ProxySettings(upstream=f"{upstream}/mcp", client=client),
             store=store,
             keys=cheap_keyring(store),
             assertions=signer,
@@ -376,7 +457,7 @@ def _ours(found: object) -> bool:
     return type(found).__module__.split(".")[0] in ("mcpguard", "sidecar")
 
 
-def test_finished_calls_leave_nothing_to_the_cycle_collector() -> None:
+def test_finished_calls_leave_nothing_to_the_cycle_collector(client: str) -> None:
     """Every object the guard and proxy make for a call (audited, refused, streamed or listed) is freed by
     reference counting when the call ends: left in a reference cycle, each call's request state would wait for
     the cycle collector, whose passes cost a loaded sidecar several per cent and pause every call in flight."""
@@ -388,7 +469,7 @@ def test_finished_calls_leave_nothing_to_the_cycle_collector() -> None:
         port = free_port()
         app = build_sidecar(
             config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
-            proxy=ProxySettings(upstream=f"{upstream}/mcp"),
+            proxy=ProxySettings(upstream=f"{upstream}/mcp", client=client),
             store=store,
             keys=cheap_keyring(store),
             audit=audit,

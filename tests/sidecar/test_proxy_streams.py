@@ -76,8 +76,8 @@ class Rig:
     key: str
 
 
-@pytest.fixture(scope="module")
-def rig() -> Iterator[Rig]:
+@pytest.fixture(scope="module", params=["aiohttp", "pool"])
+def rig(request: pytest.FixtureRequest) -> Iterator[Rig]:
     upstream = Upstream()
     store = open_store("memory://")
     key = make_keys(store, {"admin": ("acme", ["mcp:admin"])})["admin"]
@@ -85,7 +85,7 @@ def rig() -> Iterator[Rig]:
         port = free_port()
         app = build_sidecar(
             config=GuardConfig(public_url=f"http://127.0.0.1:{port}"),
-            proxy=ProxySettings(upstream=f"{direct}/mcp", max_response_bytes=CAP),
+            proxy=ProxySettings(upstream=f"{direct}/mcp", max_response_bytes=CAP, client=request.param),
             store=store,
             keys=cheap_keyring(store),
         )

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mcpguard import GuardConfig
+from sidecar.proxy import UpstreamProxy
 from sidecar.serve import sidecar_from_settings
 from sidecar.settings import SettingsError, SidecarSettings, load_settings
 from sidecar.stdio_upstream import StdioUpstream
@@ -39,6 +40,13 @@ def problems_of(**kwargs: Any) -> list[str]:
     with pytest.raises(SettingsError) as info:
         load(**kwargs)
     return info.value.problems
+
+
+def ping(url: str, key: str) -> httpx.Response:
+    """A JSON-RPC ping to the sidecar's MCP endpoint at ``url``, authenticated with ``key``."""
+    return httpx.post(
+        url + "/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"}, headers={"Authorization": f"Bearer {key}"}
+    )
 
 
 class TestPrecedence:
@@ -151,7 +159,7 @@ class TestProblems:
         with pytest.raises(SettingsError) as info:
             load(env={"MCPGUARD_CONNECT_TIMEOUT": "-1", "MCPGUARD_MAX_BODY_BYTES": "12"}, upstream=UPSTREAM)
         assert isinstance(info.value, ValueError)
-        assert "MCPGUARD_CONNECT_TIMEOUT: must be greater than 0" in str(info.value)
+        assert "MCPGUARD_CONNECT_TIMEOUT: must be more than 0" in str(info.value)
         assert "MCPGUARD_MAX_BODY_BYTES: must be at least 1024" in str(info.value)
 
     def test_unknown_toml_key(self, tmp_path: Path) -> None:
@@ -193,11 +201,11 @@ class TestProblems:
     @pytest.mark.parametrize(
         ("variable", "value", "message"),
         [
-            ("MCPGUARD_UPSTREAM_TIMEOUT", "0", "must be greater than 0"),
+            ("MCPGUARD_UPSTREAM_TIMEOUT", "0", "must be more than 0"),
             ("MCPGUARD_UPSTREAM_TIMEOUT", "nan", "expected a finite number"),
             ("MCPGUARD_MAX_RESPONSE_BYTES", "1.5", "not an integer"),
             ("MCPGUARD_RATE_LIMIT_PER_MIN", "0", "must be at least 1"),
-            ("MCPGUARD_DRAIN_SECONDS", "-1", "must not be negative"),
+            ("MCPGUARD_DRAIN_SECONDS", "-1", "must be at least 0"),
             ("MCPGUARD_TOOL_RESPONSE_LIMITS", "[1]", "expected a JSON object"),
             ("MCPGUARD_TOOL_RESPONSE_LIMITS", '{"export": "big"}', "['export']: expected an integer"),
             ("MCPGUARD_UPSTREAM_HEADERS", "{nope", "not a JSON object"),
@@ -271,6 +279,22 @@ class TestUpstream:
         ]
 
 
+class TestUpstreamClient:
+    def test_the_client_is_chosen_from_every_layer_and_reaches_the_proxy(self) -> None:
+        """aiohttp by default; ``pool`` from env or a flag picks the sidecar's own connection pool."""
+        assert load(upstream="http://127.0.0.1:9/mcp").upstream_client == "aiohttp"
+        settings = load(upstream="http://127.0.0.1:9/mcp", env={"MCPGUARD_UPSTREAM_CLIENT": "pool"}, state="memory://")
+        proxy = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"}).proxy
+        assert isinstance(proxy, UpstreamProxy)
+        assert proxy.settings.client == "pool"
+
+    def test_an_unknown_client_is_a_problem(self) -> None:
+        """Only the two clients exist; anything else is reported with the other problems."""
+        assert problems_of(upstream="http://127.0.0.1:9/mcp", upstream_client="httpx") == [
+            "--upstream-client: must be aiohttp or pool"
+        ]
+
+
 class TestStdioSettings:
     def test_stdio_settings_load_from_every_layer(self, tmp_path: Path) -> None:
         """Session cap, idle timeout, environment and working directory load from TOML, env and flags."""
@@ -293,12 +317,20 @@ class TestStdioSettings:
             stdio_idle_timeout=45,
             stdio_env={"MODE": "ro"},
             stdio_cwd="/srv/mcp",
+            stdio_temp_root="/srv/mcp-scratch",
         )
         upstream = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"}).proxy
         assert isinstance(upstream, StdioUpstream)
         stdio = upstream.settings
         assert (stdio.argv, stdio.max_sessions, stdio.idle_timeout) == (("server", "--flag"), 3, 45.0)
-        assert (dict(stdio.env), stdio.cwd) == ({"MODE": "ro"}, "/srv/mcp")
+        assert (dict(stdio.env), stdio.cwd, stdio.temp_root) == ({"MODE": "ro"}, "/srv/mcp", "/srv/mcp-scratch")
+
+    def test_relative_or_blank_temp_root_is_a_problem(self) -> None:
+        """The private temporary directories are made under an absolute path only, never one relative to the cwd."""
+        for root in ("tmp", "  ", "../var"):
+            assert problems_of(upstream_cmd="server", stdio_temp_root=root) == [
+                "--stdio-temp-root: must be an absolute path"
+            ]
 
     def test_stdio_env_values_are_never_shown(self) -> None:
         """Environment values for the stdio server stay out of the repr and of problems; only names appear."""
@@ -318,7 +350,7 @@ class TestStdioSettings:
         )
         assert problems == [
             "--stdio-max-sessions: must be at least 1",
-            "MCPGUARD_STDIO_IDLE_TIMEOUT: must be greater than 0",
+            "MCPGUARD_STDIO_IDLE_TIMEOUT: must be more than 0 and at most 86400 seconds (a day)",
             "MCPGUARD_STDIO_ENV: 'NOT-A-NAME' is not a variable name",
             "--stdio-cwd: must not be blank",
         ]
@@ -346,7 +378,7 @@ class TestStdioSettings:
         problems = problems_of(upstream_cmd="server", assertion_secret_env="SIGNING", stdio_idle_timeout=-1)
         assert problems == [
             "--assertion-secret-env: identity assertions need an HTTP upstream, but upstream_cmd is set",
-            "--stdio-idle-timeout: must be greater than 0",
+            "--stdio-idle-timeout: must be more than 0 and at most 86400 seconds (a day)",
         ]
         problems = problems_of(env={"MCPGUARD_UPSTREAM_CMD": "server", "MCPGUARD_ASSERTION_KEY_FILE": "/k.pem"})
         assert problems == [
@@ -431,11 +463,7 @@ class TestAudit:
         app = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"})
         key = make_keys(app.store, {"acme": ("acme", ["mcp:read"])})["acme"]
         with serve(app, port) as url:
-            response = httpx.post(
-                url + "/mcp",
-                json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
-                headers={"Authorization": f"Bearer {key}"},
-            )
+            response = ping(url, key)
         assert response.status_code == 503
         assert "hunter2" not in response.text
 
@@ -448,11 +476,7 @@ class TestAudit:
             app = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"})
             key = make_keys(app.store, {"acme": ("acme", ["mcp:read"])})["acme"]
             with serve(app, port) as url:
-                response = httpx.post(
-                    url + "/mcp",
-                    json={"jsonrpc": "2.0", "id": 1, "method": "ping"},
-                    headers={"Authorization": f"Bearer {key}"},
-                )
+                response = ping(url, key)
                 assert response.status_code == 200
                 deadline = time.monotonic() + 5
                 while True:
@@ -591,7 +615,7 @@ class TestGuardConfig:
             env={"MCPGUARD_TENANT_PATH": "/tenants/mcp", "MCPGUARD_DRAIN_SECONDS": "-5"}, upstream=UPSTREAM
         )
         assert problems == [
-            "MCPGUARD_DRAIN_SECONDS: must not be negative",
+            "MCPGUARD_DRAIN_SECONDS: must be at least 0 and at most 86400 seconds (a day)",
             "MCPGUARD_TENANT_PATH: must be like mcp_path with one '{tenant}' segment, got '/tenants/mcp'",
         ]
 
