@@ -13,7 +13,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -23,7 +23,7 @@ from yarl import URL
 from mcpguard import UpstreamTimeout, UpstreamUnavailable
 from sidecar.upstream_pool import UpstreamPool
 
-__all__ = ["ProxySettings", "UpstreamProxy"]
+__all__ = ["UPSTREAM_CLIENTS", "ProxySettings", "UpstreamClient", "UpstreamProxy"]
 
 logger = logging.getLogger("mcpguard.sidecar.proxy")
 
@@ -58,6 +58,11 @@ _NEVER_DOWNSTREAM = _HOP_BY_HOP | {b"content-length"}
 _WHOLE_BODY_BYTES = 1024 * 1024
 
 
+# How to forward: aiohttp's pooled session, or the sidecar's own HTTP/1.1 pool (``upstream_pool.py``).
+UpstreamClient = Literal["aiohttp", "pool"]
+UPSTREAM_CLIENTS: tuple[UpstreamClient, ...] = get_args(UpstreamClient)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProxySettings:
     """Where and how to forward."""
@@ -70,7 +75,7 @@ class ProxySettings:
     read_timeout: float = 300.0
     max_response_bytes: int = 256 * 1024 * 1024
     pool_size: int = 256
-    client: Literal["aiohttp", "pool"] = "aiohttp"
+    client: UpstreamClient = "aiohttp"
 
 
 class _Answer(Protocol):

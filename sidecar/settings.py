@@ -44,6 +44,7 @@ from sidecar.oauth_settings import (
     secret_problem,
     signing_key,
 )
+from sidecar.proxy import UPSTREAM_CLIENTS
 
 __all__ = ["OAuthClient", "SettingsError", "SidecarSettings", "load_settings"]
 
@@ -61,8 +62,6 @@ _BEARER = re.compile(r"[\x21-\x7e]+")  # visible ASCII: nothing that could split
 # The longest timeout, drain or refresh interval a setting may give: a day. Far longer is a mistake (often a
 # number meant in other units), and far larger values overflow the timers and timedeltas they become.
 _MAX_SECONDS = 86_400.0
-# How the sidecar forwards over HTTP: aiohttp's pooled session, or the sidecar's own keep-alive pool.
-_UPSTREAM_CLIENTS = ("aiohttp", "pool")
 # The rest of a PostgreSQL URL is libpq's to read: one it cannot is refused when the sidecar starts.
 _AUDIT_SCHEMES = frozenset({"postgresql", "postgres"})
 _ALL_ADDRESSES = frozenset({"0.0.0.0", "::"})  # noqa: S104  # compared against, never bound here
@@ -419,7 +418,8 @@ class SidecarSettings:
             check("upstream_bearer_env", bool(_ENV_NAME.fullmatch(self.upstream_bearer_env)), "not a variable name")
         if self.upstream_bearer_file is not None:
             check("upstream_bearer_file", bool(self.upstream_bearer_file.strip()), "must not be empty")
-        check("upstream_client", self.upstream_client in _UPSTREAM_CLIENTS, "must be aiohttp or pool")
+        clients = " or ".join(UPSTREAM_CLIENTS)
+        check("upstream_client", self.upstream_client in UPSTREAM_CLIENTS, f"must be {clients}")
         check_seconds("upstream_timeout", self.upstream_timeout)
         check_seconds("connect_timeout", self.connect_timeout)
         # 0 is meaningful for these two: annotations fetched for every call, a stop without draining.

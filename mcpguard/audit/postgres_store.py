@@ -48,7 +48,8 @@ _TYPES = {
     "bytes_in": "bigint",
     "bytes_out": "bigint",
 }
-_COLUMN_DEFINITIONS = ", ".join(f"{c} {_TYPES.get(c, 'text')}" for c in COLUMNS)
+_COLUMN_TYPES = {c: _TYPES.get(c, "text") for c in COLUMNS}
+_COLUMN_DEFINITIONS = ", ".join(f"{c} {kind}" for c, kind in _COLUMN_TYPES.items())
 _TABLE = f"CREATE TABLE IF NOT EXISTS audit_events ({_COLUMN_DEFINITIONS})"
 # The table's columns as statements name it (through the search path), to add those a table made before lacks:
 # an ALTER TABLE run on every connection would take the table's exclusive lock each time.
@@ -141,10 +142,9 @@ class PostgresAuditStore:
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                 await conn.execute(_TABLE)
                 present = {row[0] for row in await (await conn.execute(_PRESENT_COLUMNS)).fetchall()}
-                for column in COLUMNS:
+                for column, kind in _COLUMN_TYPES.items():
                     if column not in present:
                         # A column added since the table was made: NULL in the rows it has.
-                        kind = _TYPES.get(column, "text")
                         await conn.execute(f"ALTER TABLE audit_events ADD COLUMN IF NOT EXISTS {column} {kind}")
                 for statement in _INDEXES:
                     await conn.execute(statement)

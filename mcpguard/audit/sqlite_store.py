@@ -37,6 +37,7 @@ from mcpguard.audit.events import AuditEvent
 from mcpguard.audit.query import AuditPage, AuditQuery
 from mcpguard.audit.sql import COLUMNS, Dialect, calls_sql, iso_time, page_of, row_of
 from mcpguard.errors import StorageUnavailable
+from mcpguard.stores.sqlite_tables import immediate
 
 __all__ = ["SQLiteAuditStore"]
 
@@ -137,15 +138,9 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
     when two processes open the file at once)."""
     if not _missing_columns(conn):
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with immediate(conn):
         for column in _missing_columns(conn):
             conn.execute(f"ALTER TABLE audit_events ADD COLUMN {column}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
 
 
 def _resolve(future: asyncio.Future[None], error: BaseException | None) -> None:

@@ -4,7 +4,6 @@ client requests crafted to split or replay what the proxy writes upstream."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import itertools
 import socket
 import ssl
@@ -17,16 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from starlette.types import Message
 
 from mcpguard import UpstreamTimeout, UpstreamUnavailable
 from sidecar.proxy import ProxySettings, UpstreamProxy
 from sidecar.upstream_pool import UpstreamPool
-from tests.sidecar.test_upstream_pool import read_request
+from tests.sidecar.test_upstream_pool import read_request, self_signed
 
 Behaviour = Callable[["Wire", asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bool]]
 
@@ -1197,35 +1192,11 @@ def test_safe_retry_happens_once_and_only_for_a_reused_connection() -> None:
 # TLS.
 
 
-def _certificate(directory: Path, dns_name: str) -> tuple[Path, Path]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
-
-
 @pytest.mark.threat("T-UPSTREAM-SPOOF")
 def test_tls_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
     """A trusted certificate naming another host is refused before any request byte; the same certificate is
     accepted when the origin names its host."""
-    cert, key = _certificate(tmp_path, "localhost")
+    cert, key = self_signed(tmp_path, "localhost")
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     served.load_cert_chain(cert, key)
 
