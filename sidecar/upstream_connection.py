@@ -54,6 +54,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._fd = -1
         self._waiting = select.poll()
         self._ssl_object: Any = None
+        # When the connection last came back to the pool idle (the loop's clock).
+        self.idle_since = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # create_connection gives a stream transport; uvloop's does not subclass asyncio.Transport.
@@ -111,14 +113,33 @@ class UpstreamConnection(asyncio.Protocol):
             return False
         return True
 
-    async def write(self, data: bytes) -> None:
-        """Write ``data``, waiting while the upstream reads slower than we write."""
+    async def write(self, data: bytes) -> bool:
+        """Write ``data``, waiting while the upstream reads slower than we write; ``False`` when the answer (or its
+        failure) came first, so the rest of the request is not to be sent and the connection not to be reused.
+
+        The wait is bounded by the read timeout: an upstream that neither reads nor answers has not answered in time.
+        """
         if not self.usable():
             raise ClosedBeforeAnswer("the upstream MCP server closed the connection")
         assert self.transport is not None  # noqa: S101  # usable() checked it
         self.transport.write(data)
-        if self._drained is not None:
-            await self._drained
+        response = self.response
+        if response is not None and response.answered():
+            return False
+        drained = self._drained
+        if drained is None:
+            return True
+        waits: set[asyncio.Future[None]] = {drained}
+        if response is not None:
+            waits.add(response.answer_arrived)
+        timeout = response.read_timeout if response is not None else None
+        await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if response is not None and response.answered():
+            return False
+        if not drained.done():
+            self.abort()
+            raise UpstreamTimeout("the upstream MCP server did not read the request in time")
+        return True
 
     def abort(self) -> None:
         """Close at once, dropping anything unsent: the connection's state can no longer be trusted."""
@@ -164,6 +185,23 @@ class UpstreamResponse:
         self._was_paused = False
         self._head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiter: asyncio.Future[None] | None = None
+        # Whether every byte of the request went out before the answer came: an upstream that answered early may
+        # read what we never sent as the start of the next request, so only then is the connection reused.
+        self.request_sent = False
+
+    @property
+    def read_timeout(self) -> float:
+        """How long any wait on this answer may take."""
+        return self._read_timeout
+
+    @property
+    def answer_arrived(self) -> asyncio.Future[None]:
+        """Done once the head of the final answer is in, or the answer failed."""
+        return self._head
+
+    def answered(self) -> bool:
+        """Whether the head of the final answer is in, or the answer failed, already."""
+        return self._head.done()
 
     # httptools callbacks
 
@@ -313,7 +351,8 @@ class UpstreamResponse:
             return
         done, self._done = self._done, None
         reusable = (
-            self.at_eof()
+            self.request_sent
+            and self.at_eof()
             and self._keep_alive
             and self._error is None
             and not self._was_paused

@@ -15,8 +15,16 @@ a GET, HEAD or OPTIONS with a body in memory is sent once more on a new connecti
 ``UpstreamUnavailable``, since the upstream may have acted on it (RFC 9110 §9.2.2 allows retrying only what
 is idempotent, and an MCP POST or DELETE changes state).
 
-Deliberately not here: HTTP/2, proxies, redirects, decompression, cookies, more than one origin, and expiry
-of idle connections (an upstream that closes idle ones is seen closing them).
+Idle connections: one idle for ``idle_timeout`` (4 s by default, under the 5 s after which uvicorn, which
+most Python MCP servers run on, closes an idle connection) is closed instead of reused, so that a request is
+not written just as the upstream closes the connection, when a POST could be neither answered nor retried.
+
+An upstream may answer before it has read the whole request (a refusal of a large body): the rest of the
+request is then not sent, the answer is relayed, and the connection is closed afterwards, since the
+upstream could read the unsent rest as the start of another request. Waiting for the upstream to read the
+request is bounded by the read timeout.
+
+Deliberately not here: HTTP/2, proxies, redirects, decompression, cookies, more than one origin.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class UpstreamPool:
         read_timeout: float = 300.0,
         ssl_context: ssl.SSLContext | None = None,
         max_head_bytes: int = 64 * 1024,
+        idle_timeout: float = 4.0,
     ) -> None:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -72,6 +81,7 @@ class UpstreamPool:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._max_head_bytes = max_head_bytes
+        self._idle_timeout = idle_timeout
         self._slots = asyncio.Semaphore(limit)
         self._idle: list[UpstreamConnection] = []
         self._open: set[UpstreamConnection] = set()
@@ -136,7 +146,12 @@ class UpstreamPool:
             response = UpstreamResponse(connection, method == "HEAD", self._read_timeout, self._done)
             connection.response = response
             try:
-                await _send(connection, head, body)
+                try:
+                    response.request_sent = await _send(connection, head, body)
+                except ClosedBeforeAnswer:
+                    if not response.answered():
+                        raise
+                    # It answered, then closed before reading the rest of the request: the answer stands.
                 await response.head()
             except ClosedBeforeAnswer:
                 self._forget(connection)
@@ -150,8 +165,13 @@ class UpstreamPool:
             return response
 
     def _reuse(self) -> UpstreamConnection | None:
-        while self._idle:
-            connection = self._idle.pop()  # the most recently used is the least likely to have been timed out
+        idle = self._idle
+        # Idle the longest first, in the order they came back: those idle too long are closed, never written to.
+        expired_before = asyncio.get_running_loop().time() - self._idle_timeout
+        while idle and idle[0].idle_since <= expired_before:
+            self._forget(idle.pop(0))
+        while idle:
+            connection = idle.pop()  # the most recently used is the least likely to have been timed out
             if connection.usable() and connection.quiet():
                 return connection
             self._forget(connection)
@@ -177,6 +197,7 @@ class UpstreamPool:
 
     def _done(self, connection: UpstreamConnection, reusable: bool) -> None:
         if reusable:
+            connection.idle_since = asyncio.get_running_loop().time()
             self._idle.append(connection)
         else:
             self._open.discard(connection)
@@ -188,18 +209,18 @@ class UpstreamPool:
         self._open.discard(connection)
 
 
-async def _send(connection: UpstreamConnection, head: bytes, body: Body) -> None:
+async def _send(connection: UpstreamConnection, head: bytes, body: Body) -> bool:
+    """Write the request; ``False`` when the upstream answered before all of it went out (the rest is not sent)."""
     if body is None:
-        await connection.write(head)
-    elif isinstance(body, bytes):
+        return await connection.write(head)
+    if isinstance(body, bytes):
         if len(body) <= _JOIN_BYTES:
-            await connection.write(head + body)
-        else:
-            await connection.write(head)
-            await connection.write(body)
-    else:
-        await connection.write(head)
-        async for chunk in body:
-            if chunk:  # an empty chunk would read as the last one
-                await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        await connection.write(b"0\r\n\r\n")
+            return await connection.write(head + body)
+        return await connection.write(head) and await connection.write(body)
+    if not await connection.write(head):
+        return False
+    async for chunk in body:
+        # An empty chunk would read as the last one.
+        if chunk and not await connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk)):
+            return False
+    return await connection.write(b"0\r\n\r\n")

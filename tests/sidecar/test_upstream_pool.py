@@ -506,3 +506,103 @@ def test_tls_verifies_the_upstream_certificate(tmp_path: Path) -> None:
             await pool.close()
 
     run(test)
+
+
+def _early_answer_server(
+    answer: bytes, *, close: bool
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A server that reads only the head of each request, answers at once and never reads the body."""
+    state = {"connections": 0}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state["connections"] += 1
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+            if close:
+                return
+            await asyncio.sleep(30)  # holds the connection open without reading a byte more
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    handle.state = state  # type: ignore[attr-defined]
+    return handle
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["kept-open", "closed"])
+@pytest.mark.parametrize("streamed", [False, True], ids=["bytes", "stream"])
+@pytest.mark.threat("T-RESPONSE-DESYNC")
+def test_an_answer_before_the_request_body_is_read_is_relayed_and_its_connection_closed(
+    close: bool, streamed: bool
+) -> None:
+    """An upstream that refuses a large body before reading it: the refusal reaches the caller (no hang waiting to
+    write what nobody reads), the rest of the body is never sent, and the connection is not reused, since the
+    upstream would take the unsent rest for the start of the next request."""
+    refusal = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 3\r\n\r\nbig"
+    chunk = b"x" * (1024 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(64):
+            yield chunk
+
+    async def test() -> None:
+        handle = _early_answer_server(refusal, close=close)
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            pool = UpstreamPool(origin, read_timeout=5)
+            body = chunks() if streamed else chunk * 16
+            async with asyncio.timeout(10):
+                response = await pool.request("POST", "/mcp", [], body)
+                assert (response.status, await response.read()) == (413, b"big")
+                response.release()
+                assert pool._idle == []
+                response = await pool.request("POST", "/mcp", [], b"{}")
+                assert response.status == 413
+                response.release()
+            await pool.close()
+        assert handle.state["connections"] == 2  # type: ignore[attr-defined]
+
+    run(test)
+
+
+@pytest.mark.threat("T-UPSTREAM-EXHAUST")
+def test_an_upstream_that_reads_nothing_and_answers_nothing_times_out() -> None:
+    """Writing to an upstream that stopped reading waits at most the read timeout, then fails as a timeout."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(30)
+        writer.close()
+
+    async def test() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, limit=1024)
+        origin = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            pool = UpstreamPool(origin, read_timeout=0.5)
+            async with asyncio.timeout(10):
+                with pytest.raises(UpstreamTimeout):
+                    await pool.request("POST", "/mcp", [], b"x" * (32 * 1024 * 1024))
+            await pool.close()
+
+    run(test)
+
+
+@pytest.mark.threat("T-UPSTREAM-REPLAY")
+def test_a_connection_idle_past_the_idle_timeout_is_not_reused() -> None:
+    """A connection idle longer than ``idle_timeout`` is closed rather than written to: the upstream may be closing
+    it at that very moment, and a POST written then could be neither answered nor retried."""
+
+    async def test() -> None:
+        async with upstream(OK, OK, OK) as server:
+            pool = UpstreamPool(server.origin, idle_timeout=0.2)
+            assert await fetch(pool, "POST", b"{}") == (200, b"ok")
+            assert await fetch(pool, "POST", b"{}") == (200, b"ok")  # at once: the same connection
+            await asyncio.sleep(0.4)
+            assert await fetch(pool, "POST", b"{}") == (200, b"ok")
+            await pool.close()
+        assert server.connections == 2
+
+    run(test)
