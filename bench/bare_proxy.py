@@ -1,7 +1,7 @@
-"""The sidecar's forwarding alone, with no guard: uvicorn and the same pooled aiohttp proxy, nothing else.
+"""The sidecar's forwarding alone, with no guard: uvicorn and the same pooled proxy, nothing else.
 
 Run: ``python -m bench.bare_proxy --upstream http://127.0.0.1:9001/mcp --listen 127.0.0.1:9002
-[--client aiohttp|pool]``. It is
+[--client pool|aiohttp]`` (the sidecar's own pool by default, as the sidecar forwards). It is
 the floor under the sidecar: what serving and forwarding a call costs before any key, limit, scope or
 audit entry, so a benchmark can tell the guard's share from the HTTP stack's.
 """
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--upstream", required=True, help="the upstream MCP endpoint URL")
     parser.add_argument("--listen", default="127.0.0.1:9002", help="HOST:PORT to serve on")
-    parser.add_argument("--client", choices=("aiohttp", "pool"), default="aiohttp", help="the forwarding client")
+    parser.add_argument("--client", choices=("pool", "aiohttp"), default="pool", help="the forwarding client")
     args = parser.parse_args()
     proxy = UpstreamProxy(ProxySettings(upstream=args.upstream, client=args.client))
 

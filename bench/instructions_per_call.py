@@ -8,10 +8,10 @@ Each target runs under ``valgrind --tool=callgrind`` with counting off, in front
 upstream (``bench.echo_upstream``, not counted); one client then makes ``--warmup`` calls, counting is
 switched on, ``--calls`` more calls follow one after another (stateless ``tools/call`` POSTs on one
 keep-alive connection), and the count is read. Targets: ``bare`` (``bench.bare_proxy``: uvicorn and the
-same aiohttp forwarding, no guard; the baseline), ``sidecar`` (every guard on, as
+same forwarding through the sidecar's HTTP/1.1 pool, no guard; the baseline), ``sidecar`` (every guard on, as
 ``bench/sidecar_vs_direct.py`` runs it: a cached key with its record read, the rate limit, scopes, the audit
-start committed before forwarding), and ``bare-pool`` and ``sidecar-pool``, the same two forwarding
-through the sidecar's own HTTP/1.1 pool. Instruction counts do not move with the machine's other load, so
+start committed before forwarding), and ``bare-aiohttp`` and ``sidecar-aiohttp``, the same two forwarding
+through aiohttp instead. Instruction counts do not move with the machine's other load, so
 unlike timings they tell a 2% change apart on a noisy machine; they leave out time in the kernel and
 cache misses, which ``bench/sidecar_vs_direct.py`` measures. Printed absolute and as a ratio to ``bare``.
 """
@@ -136,14 +136,14 @@ def main() -> None:
                     state,
                 ],
             }
-            # The same two with the sidecar's own HTTP/1.1 pool forwarding instead of aiohttp.
-            targets["bare-pool"] = [*targets["bare"], "--client", "pool"]
-            targets["sidecar-pool"] = targets["sidecar"]
+            # The same two forwarding through aiohttp instead of the sidecar's own HTTP/1.1 pool.
+            targets["bare-aiohttp"] = [*targets["bare"], "--client", "aiohttp"]
+            targets["sidecar-aiohttp"] = targets["sidecar"]
             figures = {}
             for name, argv in targets.items():
                 guarded = name.startswith("sidecar")
                 headers = dict(HEADERS, Authorization=f"Bearer {key}") if guarded else dict(HEADERS)
-                client = {"MCPGUARD_UPSTREAM_CLIENT": "pool"} if name == "sidecar-pool" else {}
+                client = {"MCPGUARD_UPSTREAM_CLIENT": "aiohttp"} if name == "sidecar-aiohttp" else {}
                 figures[name] = count(name, argv, env | client, headers, args, directory)
         finally:
             stop(upstream)
@@ -153,8 +153,8 @@ def main() -> None:
         print(f"  {name:12s} {value:>12,.0f}  {value / base:5.2f}x bare")
     print(f"  the guard adds {figures['sidecar'] - base:,.0f} instructions a call")
     print(
-        f"  the pool instead of aiohttp: {figures['bare-pool'] / base:.2f}x bare unguarded, "
-        f"{figures['sidecar-pool'] / figures['sidecar']:.2f}x sidecar guarded"
+        f"  the pool instead of aiohttp: {base / figures['bare-aiohttp']:.2f}x unguarded, "
+        f"{figures['sidecar'] / figures['sidecar-aiohttp']:.2f}x guarded"
     )
 
 

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python bench/sidecar_vs_direct.py [--seconds 10] [--warmup 2] [--concurrency 1,16,64]
-        [--upstreams demo,echo] [--targets direct,sidecar,sidecar-pool,bare,bare-pool,nginx] [--rounds 1]
+        [--upstreams demo,echo] [--targets direct,sidecar,sidecar-aiohttp,bare,bare-aiohttp,nginx] [--rounds 1]
         [--pin] [--out results.json]
         [--proxy-cmd "mcpguard sidecar --upstream {upstream} --listen {listen} --state {state}"]
 
@@ -21,11 +21,11 @@ warm-up at the same concurrency. Upstreams: ``demo`` (``sidecar.demo_server``, t
 1 ms per call) and ``echo`` (``bench.echo_upstream``, a raw ASGI app that does almost nothing, so
 the proxy is the bottleneck). Targets: ``direct`` to the upstream, the proxy command (named by
 ``--proxy-name``; placeholders ``{upstream}``, ``{listen}``, ``{host}``, ``{port}``, ``{state}``)
-``bare`` (``bench.bare_proxy``: the sidecar's own HTTP stack, uvicorn and the same aiohttp forwarding,
-with no guard, so the guard's share shows beside the stack's in every run) and ``nginx`` (one worker,
-upstream keep-alive, no buffering) when it is installed. With the default proxy command, ``sidecar-pool``
-and ``bare-pool`` are the same two forwarding with the sidecar's own HTTP/1.1 pool
-(``upstream_client = "pool"``) instead of aiohttp. ``bare``, ``bare-pool`` and ``nginx`` are references:
+``bare`` (``bench.bare_proxy``: the sidecar's own HTTP stack, uvicorn and the same forwarding through
+the sidecar's HTTP/1.1 pool, with no guard, so the guard's share shows beside the stack's in every run) and
+``nginx`` (one worker, upstream keep-alive, no buffering) when it is installed. With the default proxy
+command, ``sidecar-aiohttp`` and ``bare-aiohttp`` are the same two forwarding through aiohttp instead
+(``upstream_client = "aiohttp"``). ``bare``, ``bare-aiohttp`` and ``nginx`` are references:
 they are judged against the same targets, so a run shows what the stack alone and a C proxy reach.
 
 For the proxy, a ``mcp:read`` key is made first with ``--key-cmd`` (production argon2 profile; its
@@ -80,10 +80,10 @@ DEFAULT_PROXY_CMD = "mcpguard sidecar --upstream {upstream} --listen {listen} --
 DEFAULT_KEY_CMD = "mcpguard keys create --tenant bench --scopes mcp:read --state {state} --json"
 # The sidecar's HTTP stack with no guard in front of it: the floor under the sidecar's figures.
 BARE_CMD = [sys.executable, "-m", "bench.bare_proxy", "--upstream", "{upstream}", "--listen", "{listen}"]
-REFERENCES = ("bare", "bare-pool", "nginx")
-# The sidecar's own HTTP/1.1 pool instead of aiohttp: the -pool targets, with and without the guard.
-POOL_SUFFIX = "-pool"
-POOL_ENV = {"MCPGUARD_UPSTREAM_CLIENT": "pool"}
+REFERENCES = ("bare", "bare-aiohttp", "nginx")
+# aiohttp instead of the sidecar's own HTTP/1.1 pool: the -aiohttp targets, with and without the guard.
+AIOHTTP_SUFFIX = "-aiohttp"
+AIOHTTP_ENV = {"MCPGUARD_UPSTREAM_CLIENT": "aiohttp"}
 
 # wrk counts answers with status >= 400 as status errors; the preflight call must have answered 200.
 ERROR_LABELS = {
@@ -393,9 +393,9 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 conf = nginx_conf(directory, listen, port)
                 cmd = ["nginx", "-p", str(directory), "-c", str(conf), "-e", str(directory / "nginx-error.log")]
                 target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
-            elif name in ("bare", "bare" + POOL_SUFFIX):
+            elif name in ("bare", "bare" + AIOHTTP_SUFFIX):
                 cmd = [word.format(upstream=up.url, listen=f"127.0.0.1:{listen}") for word in BARE_CMD]
-                cmd += ["--client", "pool" if name.endswith(POOL_SUFFIX) else "aiohttp"]
+                cmd += ["--client", "aiohttp" if name.endswith(AIOHTTP_SUFFIX) else "pool"]
                 target_proc = start(pinned(cmd, LOAD_CPU if args.pin else None), log)
             else:
                 values = {
@@ -408,8 +408,8 @@ def services(directory: Path, upstream: str, args: Any) -> Iterator[tuple[Servic
                 env = {k: v for k, v in os.environ.items() if k != "MCPGUARD_ARGON2_PROFILE"}
                 env["MCP_RATE_LIMIT_PER_MIN"] = str(args.rate_limit)
                 env.update(pair.split("=", 1) for pair in args.proxy_env)
-                if name == args.proxy_name + POOL_SUFFIX:
-                    env.update(POOL_ENV)
+                if name == args.proxy_name + AIOHTTP_SUFFIX:
+                    env.update(AIOHTTP_ENV)
                 target_proc = start(pinned(command(args.proxy_cmd, **values), LOAD_CPU if args.pin else None), log, env)
             started.append(target_proc)
             try:
@@ -555,7 +555,9 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     parser.add_argument("--concurrency", default="1,16,64", help="connection counts (default 1,16,64)")
     parser.add_argument("--upstreams", default="demo,echo", help="of demo,echo (default both)")
     parser.add_argument(
-        "--targets", default=None, help="of direct, --proxy-name (and its -pool), bare, bare-pool, nginx (default all)"
+        "--targets",
+        default=None,
+        help="of direct, --proxy-name (and its -aiohttp), bare, bare-aiohttp, nginx (default all)",
     )
     parser.add_argument("--proxy-name", default="sidecar", help="the proxy command's name in reports")
     parser.add_argument("--proxy-cmd", default=DEFAULT_PROXY_CMD, help="command template for the proxy")
@@ -575,10 +577,10 @@ def parse_args(argv: Sequence[str] | None) -> Any:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     args.upstreams = [u for u in args.upstreams.split(",") if u]
-    pooled = args.proxy_name + POOL_SUFFIX
-    # The -pool variant of the proxy only means something for the sidecar's own command.
+    variant = args.proxy_name + AIOHTTP_SUFFIX
+    # The -aiohttp variant of the proxy only means something for the sidecar's own command.
     default = (
-        f"direct,{args.proxy_name},{pooled},bare,bare-pool,nginx"
+        f"direct,{args.proxy_name},{variant},bare,bare-aiohttp,nginx"
         if args.proxy_cmd == DEFAULT_PROXY_CMD
         else (f"direct,{args.proxy_name},bare,nginx")
     )
@@ -588,8 +590,10 @@ def parse_args(argv: Sequence[str] | None) -> Any:
         parser.error(f"unknown upstream(s) {unknown}; choose from {sorted(UPSTREAMS)}")
     if args.proxy_name in ("direct", *REFERENCES):
         parser.error(f"--proxy-name {args.proxy_name!r} is taken by a built-in target")
-    if not set(args.targets) <= {"direct", args.proxy_name, pooled, *REFERENCES}:
-        parser.error(f"targets are direct, {args.proxy_name!r} (--proxy-name), {pooled!r}, bare, bare-pool and nginx")
+    if not set(args.targets) <= {"direct", args.proxy_name, variant, *REFERENCES}:
+        parser.error(
+            f"targets are direct, {args.proxy_name!r} (--proxy-name), {variant!r}, bare, bare-aiohttp and nginx"
+        )
     return args
 
 
@@ -605,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mcpguard-bench-") as tmp:
         directory = Path(tmp)
         args.state = args.state or str(directory / "state.db")
-        needs_key = bool({args.proxy_name, args.proxy_name + POOL_SUFFIX} & set(args.targets))
+        needs_key = bool({args.proxy_name, args.proxy_name + AIOHTTP_SUFFIX} & set(args.targets))
         key = make_key(args, args.state) if needs_key else None
         headers = {**HEADERS, **({"Authorization": f"Bearer {key}"} if key else {})}
         lua = write_lua(directory, headers)

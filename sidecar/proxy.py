@@ -75,7 +75,7 @@ class ProxySettings:
     read_timeout: float = 300.0
     max_response_bytes: int = 256 * 1024 * 1024
     pool_size: int = 256
-    client: UpstreamClient = "aiohttp"
+    client: UpstreamClient = "pool"
 
 
 class _Answer(Protocol):

@@ -90,7 +90,7 @@ def sidecar_from_settings(
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.upstream_timeout,
         max_response_bytes=settings.max_response_bytes,
-        client="pool" if settings.upstream_client == "pool" else "aiohttp",
+        client="aiohttp" if settings.upstream_client == "aiohttp" else "pool",
     )
     key = settings.assertion_key(env)
     assertions = None

@@ -122,7 +122,7 @@ class SidecarSettings:
     upstream_headers: Mapping[str, str] = field(default_factory=dict)
     upstream_bearer_env: str | None = None
     upstream_bearer_file: str | None = None
-    upstream_client: str = "aiohttp"
+    upstream_client: str = "pool"
     stdio_max_sessions: int = 64
     stdio_idle_timeout: float = 30 * 60.0
     stdio_env: Mapping[str, str] = field(default_factory=dict)

@@ -281,12 +281,17 @@ class TestUpstream:
 
 class TestUpstreamClient:
     def test_the_client_is_chosen_from_every_layer_and_reaches_the_proxy(self) -> None:
-        """aiohttp by default; ``pool`` from env or a flag picks the sidecar's own connection pool."""
-        assert load(upstream="http://127.0.0.1:9/mcp").upstream_client == "aiohttp"
-        settings = load(upstream="http://127.0.0.1:9/mcp", env={"MCPGUARD_UPSTREAM_CLIENT": "pool"}, state="memory://")
+        """The sidecar's own connection pool by default; ``aiohttp`` from env or a flag picks aiohttp's."""
+        assert load(upstream="http://127.0.0.1:9/mcp").upstream_client == "pool"
+        settings = load(
+            upstream="http://127.0.0.1:9/mcp", env={"MCPGUARD_UPSTREAM_CLIENT": "aiohttp"}, state="memory://"
+        )
         proxy = sidecar_from_settings(settings, {"MCPGUARD_ARGON2_PROFILE": "cheapest"}).proxy
         assert isinstance(proxy, UpstreamProxy)
-        assert proxy.settings.client == "pool"
+        assert proxy.settings.client == "aiohttp"
+        default = sidecar_from_settings(load(upstream="http://127.0.0.1:9/mcp", state="memory://"), {}).proxy
+        assert isinstance(default, UpstreamProxy)
+        assert default.settings.client == "pool"
 
     def test_an_unknown_client_is_a_problem(self) -> None:
         """Only the two clients exist; anything else is reported with the other problems."""
