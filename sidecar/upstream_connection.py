@@ -231,6 +231,10 @@ class UpstreamResponse:
             self._interim = True
             self.raw_headers = []
             return
+        if status < 100:
+            # No status below 100 exists (RFC 9110 §15): llhttp reads one as final, a peer may read it otherwise.
+            self._fail(UpstreamUnavailable("the upstream MCP server answered malformed HTTP"))
+            raise _Desync
         self.status = status
         framing: dict[bytes, bytes] = {}
         for name, value in self.raw_headers:
@@ -279,6 +283,12 @@ class UpstreamResponse:
     # fed by the connection
 
     def feed(self, data: bytes) -> None:
+        if not self._started and data[:1] in (b"\r", b"\n"):
+            # llhttp skips blank lines before a status line without a word: they are the tail of some other answer,
+            # framed otherwise than we read it, so this one is refused.
+            self._started = True
+            self._fail(UpstreamUnavailable("the upstream MCP server answered malformed HTTP"))
+            return
         self._started = True
         in_trailers, self._body_fed = self._in_trailers, False
         try:

@@ -1215,3 +1215,37 @@ def test_tls_certificate_for_another_name_is_refused(tmp_path: Path) -> None:
         assert len(state.requests) == 1
 
     run(test)
+
+
+@pytest.mark.threat("T-RESPONSE-DESYNC")
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 099 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ],
+    ids=["status-000", "status-099", "crlf-first", "lf-first"],
+)
+def test_an_answer_a_strict_parser_refuses_is_refused(answer: bytes) -> None:
+    """llhttp reads a status below 100 as a final answer and skips blank lines before a status line; h11 refuses
+    both. Either is the sign of an upstream framing its answers otherwise than we read them: refused, not relayed."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with suppress(asyncio.IncompleteReadError, ConnectionError):
+            await read_request(reader)
+            writer.write(answer)
+            await writer.drain()
+            await asyncio.sleep(1)
+        writer.close()
+
+    async def test() -> None:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        async with server:
+            pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", read_timeout=5)
+            with pytest.raises(UpstreamUnavailable):
+                await pool.request("GET", "/mcp", [], None)
+            await pool.close()
+
+    asyncio.run(test())
